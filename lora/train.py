@@ -1,0 +1,221 @@
+"""The training loop: optimizer steps, periodic eval, resumable state. No Ray here: the Ray worker passes a
+``report`` callback that turns metrics and checkpoint requests into ``ray.train.report`` calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lora.config import Training
+from lora.data import TokenizedExample, collate, epoch_order
+
+STATE_FILE = "trainer_state.pt"
+HISTORY_FILE = "history.json"
+
+
+@dataclass
+class TrainState:
+    """Where training is: enough to resume exactly (the data position included)."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    """Micro batches of ``epoch`` already consumed on this rank."""
+    train_seconds: float = 0.0
+    """Wall time inside optimizer steps (forward, backward, step), excluding eval and checkpoints."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """One entry per report: step, train_loss, and eval_loss/eval_perplexity when evaluated."""
+    base_eval_loss: float | None = None
+    """Held-out loss of the base model (adapter disabled), measured once before the first step."""
+
+
+@dataclass
+class Shard:
+    """This rank's share of the data: every rank gets the same number of micro batches per epoch."""
+
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    rank: int
+    world_size: int
+
+    def batches_per_epoch(self, micro_batch_size: int) -> int:
+        per_rank = len(self.train) // self.world_size
+        return per_rank // micro_batch_size
+
+    def micro_batch(self, epoch: int, index: int, micro_batch_size: int, seed: int) -> list[TokenizedExample]:
+        """The same global shuffle on every rank, then a strided split, so ranks never share an example."""
+        order = epoch_order(len(self.train), epoch, seed)[self.rank :: self.world_size]
+        picked = order[index * micro_batch_size : (index + 1) * micro_batch_size]
+        return [self.train[i] for i in picked]
+
+
+def total_steps(shard: Shard, cfg: Training) -> int:
+    """``max_steps`` if set, else ``epochs`` passes: steps = batches_per_epoch * epochs / grad_accum."""
+    batches = shard.batches_per_epoch(cfg.micro_batch_size)
+    if batches == 0:
+        raise ValueError(
+            f"{len(shard.train)} training examples cannot fill one micro batch of {cfg.micro_batch_size} "
+            f"on each of {shard.world_size} workers; lower train.micro_batch_size or add data"
+        )
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.floor(batches * cfg.epochs / cfg.grad_accum))
+
+
+def build_optimizer(model: nn.Module, cfg: Training, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable (LoRA) parameters and the configured schedule; fused kernels on CUDA."""
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    on_cuda = params[0].is_cuda
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, fused=on_cuda)
+    scheduler = get_scheduler(
+        cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps
+    )
+    return optimizer, scheduler
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, examples: list[TokenizedExample], batch_size: int, pad_id: int, device: torch.device
+) -> float:
+    """Token-weighted mean loss over the assistant tokens of ``examples``, summed across ranks if distributed."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+        )
+        loss_sum += loss.double()
+        tokens += (targets != -100).sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(tokens)
+    model.train(was_training)
+    return (loss_sum / tokens.clamp(min=1)).item()
+
+
+Report = Callable[[dict[str, float], TrainState, bool], None]
+"""``report(metrics, state, checkpoint)``: called on every rank; ``checkpoint`` asks for a resumable save."""
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    shard: Shard,
+    cfg: Training,
+    state: TrainState,
+    report: Report,
+    *,
+    pad_id: int,
+    device: torch.device,
+    progress: Callable[[int], None] = lambda steps_done: None,
+) -> TrainState:
+    """Run optimizer steps from ``state`` to the end, evaluating and checkpointing at the configured intervals.
+
+    ``model`` may be DDP-wrapped; the base-model loss is measured once (adapter disabled) before step 1.
+    """
+    steps = total_steps(shard, cfg)
+    batches = shard.batches_per_epoch(cfg.micro_batch_size)
+    eval_examples = shard.eval[: cfg.max_eval_examples] if cfg.max_eval_examples else shard.eval
+    peft_model = getattr(model, "module", model)
+    if state.base_eval_loss is None:
+        with peft_model.disable_adapter():
+            state.base_eval_loss = evaluate(peft_model, eval_examples, cfg.micro_batch_size, pad_id, device)
+        base = {"step": 0, "eval_loss": state.base_eval_loss, "eval_perplexity": math.exp(state.base_eval_loss)}
+        state.history.append(base)
+        report(base, state, False)
+    model.train()
+    while state.step < steps:
+        started = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            if state.batch_in_epoch >= batches:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            micro = shard.micro_batch(state.epoch, state.batch_in_epoch, cfg.micro_batch_size, cfg.seed)
+            state.batch_in_epoch += 1
+            batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
+            loss = model(**batch).loss / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.train_seconds += time.perf_counter() - started
+        progress(state.step)
+
+        metrics = {"step": state.step, "train_loss": loss_sum, "lr": scheduler.get_last_lr()[0]}
+        is_last = state.step == steps
+        if state.step % cfg.eval_every == 0 or is_last:
+            eval_loss = evaluate(model, eval_examples, cfg.micro_batch_size, pad_id, device)
+            metrics |= {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+        metrics["train_seconds"] = state.train_seconds
+        state.history.append(metrics)
+        if "eval_loss" in metrics or state.step % cfg.checkpoint_every == 0:
+            report(metrics, state, state.step % cfg.checkpoint_every == 0 or is_last)
+    return state
+
+
+def save_adapter(model: nn.Module, directory: Path, base_model_id: str) -> None:
+    """PEFT's adapter folder (adapter_config.json + adapter_model.safetensors), naming the base by its public id.
+
+    peft writes ``base_model_name_or_path`` as the local folder it loaded from; a published adapter must name
+    the model users can find instead.
+    """
+    peft_model = getattr(model, "module", model)
+    peft_model.save_pretrained(directory, safe_serialization=True)
+    config_path = directory / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text())
+    adapter_config["base_model_name_or_path"] = base_model_id
+    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+
+
+def save_training_state(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    base_model_id: str,
+) -> None:
+    """Adapter (safetensors) + optimizer/scheduler/position (``trainer_state.pt``) + readable history."""
+    save_adapter(model, directory / "adapter", base_model_id)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": asdict(state)},
+        directory / STATE_FILE,
+    )
+    (directory / HISTORY_FILE).write_text(json.dumps(state.history, indent=1))
+
+
+def load_training_state(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainState:
+    """Restore what ``save_training_state`` wrote; returns the position to continue from."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    peft_model = getattr(model, "module", model)
+    weights = load_file(directory / "adapter" / "adapter_model.safetensors", device=str(next(model.parameters()).device))
+    set_peft_model_state_dict(peft_model, weights)
+    saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return TrainState(**saved["state"])

@@ -1,0 +1,36 @@
+"""Connect to Ray, or start a local one on 127.0.0.1 that talks to nobody outside this machine."""
+
+from __future__ import annotations
+
+import os
+
+# Set before Ray is imported anywhere in the process: usage stats would try to reach an outside server, and
+# token auth (which ray.init turns on by writing ~/.ray/auth_token) breaks later `ray start` + `ray job submit`.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import ray  # noqa: E402
+
+from lora.config import Config  # noqa: E402
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Join ``cluster.address`` (or ``RAY_ADDRESS``, as inside ``ray job submit``), else start Ray locally."""
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+
+
+def cluster_gpus() -> float:
+    return ray.cluster_resources().get("GPU", 0.0)

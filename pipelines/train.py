@@ -1,0 +1,294 @@
+"""Train stage: one Ray Train ``TorchTrainer`` per domain (DDP across its workers), domains concurrently.
+
+``train_worker`` runs on every worker; ``fit_domain`` is the driver of one domain's run (a Ray task, so that
+domains run side by side and Tune can call the same function per trial); ``run`` is the stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pipelines.ray_session  # noqa: F401  (sets Ray's environment before ray is imported)
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from lora.config import Config, ConfigError, Domain
+from lora.data import check_file, load_examples
+from lora.model import (
+    BackendError,
+    apply_lora,
+    check_bitsandbytes,
+    dispatch_backend,
+    load_base_model,
+    load_tokenizer,
+    logical_model_id,
+    parameter_counts,
+    resolve_model_dir,
+    weights_sha256,
+)
+from lora.train import (
+    HISTORY_FILE,
+    STATE_FILE,
+    Shard,
+    TrainState,
+    build_optimizer,
+    load_training_state,
+    save_training_state,
+    total_steps,
+    train,
+)
+from pipelines.ray_session import cluster_gpus, ensure_ray
+
+RUN_INFO_FILE = "run_info.json"
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class DomainResult:
+    """A finished domain run, as it lies in ``output_dir``."""
+
+    domain: str
+    run_name: str
+    output_dir: Path
+    steps: int
+    base_eval_loss: float
+    eval_loss: float
+    trainable_params: int
+    total_params: int
+    train_seconds: float
+    wall_seconds: float
+
+    @classmethod
+    def load(cls, output_dir: Path) -> DomainResult:
+        facts = json.loads((output_dir / RESULT_FILE).read_text())
+        return cls(output_dir=output_dir, **{k: facts[k] for k in cls.__dataclass_fields__ if k != "output_dir"})
+
+
+# ---------------------------------------------------------------------------------------------
+# On every Ray Train worker
+# ---------------------------------------------------------------------------------------------
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Load base + LoRA, resume from the latest checkpoint if any, train, report metrics and checkpoints."""
+    cfg = Config.model_validate(loop_config["cfg"])
+    domain = cfg.domain(loop_config["domain"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    if not cfg.cluster.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)
+
+    backend = dispatch_backend(cfg.quant, cfg.cluster.use_gpu, context.get_local_rank())
+    model_dir = resolve_model_dir(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, model_dir)
+    train_examples, train_stats = load_examples(
+        domain.train, domain.storage_options, tokenizer, cfg.train.max_seq_len, cfg.train.overlong
+    )
+    eval_examples, eval_stats = load_examples(
+        domain.eval, domain.storage_options, tokenizer, cfg.train.max_seq_len, cfg.train.overlong
+    )
+    model = load_base_model(model_dir, cfg.model, cfg.quant, backend)
+    model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
+    trainable, total = parameter_counts(model)
+
+    shard = Shard(train_examples, eval_examples[rank::world_size], rank, world_size)
+    steps = total_steps(shard, cfg.train)
+    optimizer, scheduler = build_optimizer(model, cfg.train, steps)
+    state = TrainState()
+    if checkpoint := ray.train.get_checkpoint():
+        with checkpoint.as_directory() as directory:
+            state = load_training_state(Path(directory), model, optimizer, scheduler)
+    if world_size > 1:
+        device_ids = [backend.device.index] if backend.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    base_model_id = logical_model_id(cfg.model)
+    run_info = {
+        "domain": domain.name,
+        "base_model": {
+            "id": base_model_id,
+            "revision": cfg.model.revision,
+            "weights_sha256": weights_sha256(model_dir),
+        },
+        "trainable_params": trainable,
+        "total_params": total,
+        "total_steps": steps,
+        "data": {"train": train_stats.to_dict(), "eval": eval_stats.to_dict()},
+        "hardware": {
+            "device": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else platform.processor() or platform.machine(),
+            "workers": world_size,
+            "use_gpu": cfg.cluster.use_gpu,
+            "cpus_per_worker": cfg.cluster.cpus_per_worker,
+        },
+        "compute_dtype": str(backend.compute_dtype).removeprefix("torch."),
+    }
+
+    def report(metrics: dict[str, float], state: TrainState, save: bool) -> None:
+        if not save:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            if rank == 0:
+                save_training_state(Path(directory), model, optimizer, scheduler, state, base_model_id)
+                (Path(directory) / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=1))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
+
+    bar = _progress_bar(rank, f"{domain.name} train", steps, state.step)
+    train(
+        model, optimizer, scheduler, shard, cfg.train, state, report,
+        pad_id=tokenizer.pad_token_id, device=backend.device, progress=lambda step: bar and bar.update(1),
+    )
+    if bar:
+        bar.close()
+
+
+def _progress_bar(rank: int, desc: str, total: int, done: int):
+    """A tqdm bar that Ray renders on the driver's terminal (rank 0 only)."""
+    if rank != 0:
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm(total=total, initial=done, desc=desc)
+
+
+# ---------------------------------------------------------------------------------------------
+# One domain's run (a Ray task)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_name(cfg: Config, domain: Domain) -> str:
+    """Same config and data location -> same name -> Ray Train resumes that run's latest checkpoint."""
+    identity = {
+        "model": cfg.model.model_dump(),
+        "quant": cfg.quant.model_dump(),
+        "lora": cfg.lora.model_dump(),
+        "train": cfg.train.model_dump(),
+        "workers": cfg.cluster.workers_per_domain,
+        "data": [domain.train, domain.eval],
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{domain.name}-{digest}"
+
+
+def storage(cfg: Config) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for Ray Train checkpoints."""
+    url = cfg.cluster.storage_url
+    if "://" not in url or url.startswith("file://"):
+        return url.removeprefix("file://"), None
+    import pyarrow.fs
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **cfg.cluster.storage_options)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def build_trainer(cfg: Config, domain: Domain, name: str, callbacks: list | None = None) -> TorchTrainer:
+    storage_path, filesystem = storage(cfg)
+    resources = {"CPU": cfg.cluster.cpus_per_worker} | ({"GPU": 1} if cfg.cluster.use_gpu else {})
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.model_dump(), "domain": domain.name},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.cluster.workers_per_domain, use_gpu=cfg.cluster.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+
+
+@ray.remote(num_cpus=0.01)
+def fit_domain(cfg_dict: dict[str, Any], domain_name: str) -> dict[str, Any]:
+    """Fit one domain's TorchTrainer and copy its final checkpoint into the local output folder."""
+    cfg = Config.model_validate(cfg_dict)
+    domain = cfg.domain(domain_name)
+    name = run_name(cfg, domain)
+    started = time.time()
+    result = build_trainer(cfg, domain, name).fit()
+    return collect_output(cfg, domain, name, result.checkpoint, time.time() - started)
+
+
+def collect_output(cfg: Config, domain: Domain, name: str, checkpoint: Checkpoint, wall: float) -> dict[str, Any]:
+    """Write ``output_dir/<domain>/<run>/`` atomically: everything but optimizer state, plus result.json."""
+    target = Path(cfg.cluster.output_dir) / domain.name / name
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    checkpoint.to_directory(str(partial))
+    (partial / STATE_FILE).unlink()
+    history = json.loads((partial / HISTORY_FILE).read_text())
+    info = json.loads((partial / RUN_INFO_FILE).read_text())
+    evals = [h for h in history if "eval_loss" in h]
+    facts = {
+        "domain": domain.name,
+        "run_name": name,
+        "steps": history[-1]["step"],
+        "base_eval_loss": evals[0]["eval_loss"],
+        "eval_loss": evals[-1]["eval_loss"],
+        "trainable_params": info["trainable_params"],
+        "total_params": info["total_params"],
+        "train_seconds": history[-1].get("train_seconds", 0.0),
+        "wall_seconds": wall,
+        "config": cfg.model_dump(),
+    }
+    (partial / RESULT_FILE).write_text(json.dumps(facts, indent=1))
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    return {"output_dir": str(target)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def preflight(cfg: Config, domains: list[Domain]) -> None:
+    """Refuse what cannot run before any Ray work starts: data, bitsandbytes, GPUs, worker sizes."""
+    for domain in domains:
+        for url in (domain.train, domain.eval):
+            check_file(url, domain.storage_options)
+    if cfg.quant.mode == "nf4":
+        check_bitsandbytes()
+    ensure_ray(cfg)
+    if cfg.cluster.use_gpu and cluster_gpus() == 0:
+        raise BackendError("cluster.use_gpu=true but the Ray cluster has no GPU; set cluster.use_gpu=false")
+    largest_node_cpus = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    if cfg.cluster.cpus_per_worker > largest_node_cpus:
+        raise ConfigError([
+            f"cluster.cpus_per_worker: {cfg.cluster.cpus_per_worker} is more than any node has "
+            f"({largest_node_cpus:g} CPUs); lower it"
+        ])
+
+
+def select_domains(cfg: Config, names: list[str] | None) -> list[Domain]:
+    return [cfg.domain(n) for n in names] if names else list(cfg.domains)
+
+
+def run(cfg: Config, domain_names: list[str] | None = None) -> list[DomainResult]:
+    """Train every selected domain (concurrently as resources allow); results as they lie in ``output_dir``."""
+    domains = select_domains(cfg, domain_names)
+    preflight(cfg, domains)
+    pending = {fit_domain.remote(cfg.model_dump(), d.name): d.name for d in domains}
+    results = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        pending.pop(done[0])
+        results.append(DomainResult.load(Path(ray.get(done[0])["output_dir"])))
+    return sorted(results, key=lambda r: [d.name for d in domains].index(r.domain))
