@@ -23,12 +23,14 @@ def ensure_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    # The dashboard (~1 GiB) serves the state API that Ray Train's placement-group cleaner polls; without it
+    # the cleaner logs a warning every second.
     ray.init(
         num_cpus=os.cpu_count(),
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
-        configure_logging=True,
-        logging_level="WARNING",
+        logging_config=ray.LoggingConfig(log_level="WARNING"),
     )
 
 

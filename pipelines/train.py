@@ -84,6 +84,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """Load base + LoRA, resume from the latest checkpoint if any, train, report metrics and checkpoints."""
     cfg = Config.model_validate(loop_config["cfg"])
     domain = cfg.domain(loop_config["domain"])
+    _quiet_worker_logs()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     if not cfg.cluster.use_gpu:
@@ -154,13 +155,26 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         bar.close()
 
 
+def _quiet_worker_logs() -> None:
+    """Keep the driver's terminal to progress bars and warnings: no per-report INFO lines or loading bars."""
+    import logging
+
+    import transformers
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _progress_bar(rank: int, desc: str, total: int, done: int):
     """A tqdm bar that Ray renders on the driver's terminal (rank 0 only)."""
     if rank != 0:
         return None
     from ray.experimental.tqdm_ray import tqdm
 
-    return tqdm(total=total, initial=done, desc=desc)
+    bar = tqdm(total=total, desc=desc)
+    bar.update(done)  # ray's tqdm takes no `initial`
+    return bar
 
 
 # ---------------------------------------------------------------------------------------------
