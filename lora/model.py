@@ -194,7 +194,6 @@ def load_base_model(model_dir: Path | str, source: ModelSource, quant: Quantizat
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=backend.compute_dtype,
-            bnb_4bit_quant_storage=backend.compute_dtype,
         )
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,

@@ -198,8 +198,9 @@ def save_training_state(
 ) -> None:
     """Adapter (safetensors) + optimizer/scheduler/position (``trainer_state.pt``) + readable history."""
     save_adapter(model, directory / "adapter", base_model_id)
+    rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": asdict(state)},
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": asdict(state), "rng": rng},
         directory / STATE_FILE,
     )
     (directory / HISTORY_FILE).write_text(json.dumps(state.history, indent=1))
@@ -218,4 +219,7 @@ def load_training_state(
     saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["cpu"])  # LoRA dropout draws from it: resumed == uninterrupted
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
     return TrainState(**saved["state"])

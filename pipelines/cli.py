@@ -47,7 +47,7 @@ def exits_2_on_bad_input(command: Callable) -> Callable:
 def validate(config: ConfigArg, overrides: Overrides = None) -> None:
     """Print the resolved config, or list every error with its dotted path (exit 2)."""
     cfg = load_config(config, overrides or [])
-    console.print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="", markup=False, highlight=False)
+    typer.echo(yaml.safe_dump(cfg.model_dump(), sort_keys=False), nl=False)
 
 
 @app.command(name="train")
