@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Callable
@@ -18,8 +18,9 @@ from lora.data import DataError
 from lora.model import BackendError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
-errors = Console(stderr=True)
+# Logs and CI are not terminals: rich would wrap tables at 80 columns there.
+console = Console(width=None if sys.stdout.isatty() else 200)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, BackendError)
 """Bad input: reported in one message that names the problem and the fix, exit status 2."""
@@ -66,8 +67,6 @@ def training_table(results) -> Table:
     for column in ("domain", "steps", "base eval loss", "adapter eval loss", "ppl base → adapter",
                    "trainable params", "train s / wall s", "adapter"):
         table.add_column(column, justify="left" if column in ("domain", "adapter") else "right")
-    import math
-
     for r in results:
         better = "green" if r.eval_loss < r.base_eval_loss else "red"
         table.add_row(
@@ -78,9 +77,16 @@ def training_table(results) -> Table:
             f"{math.exp(r.base_eval_loss):.1f} → {math.exp(r.eval_loss):.1f}",
             f"{r.trainable_params:,} ({r.trainable_params / r.total_params:.2%})",
             f"{r.train_seconds:.0f} / {r.wall_seconds:.0f}",
-            str(r.output_dir / "adapter"),
+            _short_path(r.output_dir / "adapter"),
         )
     return table
+
+
+def _short_path(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def main() -> None:  # pragma: no cover - console entry point

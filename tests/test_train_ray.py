@@ -1,0 +1,94 @@
+"""The train stage on a real local Ray cluster: 2-worker DDP, outputs file by file, resume, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from tests.conftest import read_json
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def test_two_worker_run_writes_a_loadable_adapter_and_learns(ray_cluster, tiny_config_file, tiny_model_dir):
+    config = tiny_config_file(domains=("legal", "support"), cluster={"workers_per_domain": 2})
+    result = invoke("train", config)
+    assert result.exit_code == 0, result.output
+    assert "loramill train" in result.output
+
+    for domain in ("legal", "support"):
+        [run_dir] = (config.parent / "output" / domain).iterdir()
+        files = sorted(p.name for p in run_dir.iterdir())
+        assert files == ["adapter", "history.json", "result.json", "run_info.json"]
+        assert sorted(p.name for p in (run_dir / "adapter").iterdir()) == [
+            "README.md", "adapter_config.json", "adapter_model.safetensors"]
+        adapter_config = read_json(run_dir / "adapter/adapter_config.json")
+        assert adapter_config["base_model_name_or_path"] == "tests/tiny-llama"
+        assert adapter_config["r"] == 4
+        weights = load_file(run_dir / "adapter/adapter_model.safetensors")
+        assert len(weights) == 2 * 7 * 2  # A and B for 7 linear layers in each of 2 blocks
+
+        facts = read_json(run_dir / "result.json")
+        info = read_json(run_dir / "run_info.json")
+        assert info["hardware"]["workers"] == 2
+        assert facts["steps"] == 4 and facts["eval_loss"] < facts["base_eval_loss"]
+        assert info["data"]["train"]["examples_kept"] == 32 and len(info["data"]["train"]["sha256"]) == 64
+        history = read_json(run_dir / "history.json")
+        assert [h["step"] for h in history if "eval_loss" in h] == [0, 2, 4]
+
+    # The adapter loads as PEFT expects, onto the base named by a local path.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    PeftModel.from_pretrained(base, run_dir / "adapter")
+
+
+def test_rerun_with_the_same_config_resumes_instead_of_restarting(ray_cluster, tiny_config_file):
+    config = tiny_config_file(domains=("medical",))
+    assert invoke("train", config).exit_code == 0
+    [run_dir] = (config.parent / "output" / "medical").iterdir()
+    first = read_json(run_dir / "history.json")
+
+    second_run = invoke("train", config)
+    assert second_run.exit_code == 0, second_run.output
+    second = read_json(run_dir / "history.json")
+    # Restored at step 4 of 4: no step was trained again, the history is the first run's.
+    assert second == first
+    checkpoints = sorted(p.name for p in (config.parent / "runs" / run_dir.name).glob("checkpoint_*"))
+    assert len(checkpoints) == 2  # num_to_keep=2 of the 2 written (steps 2 and 4)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: (d / "legal/train.jsonl").unlink(), "legal/train.jsonl: data file not found"),
+        (lambda d: (d / "legal/eval.jsonl").write_text('{"messages": [}\n'), "legal/eval.jsonl:1: malformed JSON"),
+        (lambda d: (d / "legal/train.jsonl").write_text(""), "empty dataset"),
+    ],
+    ids=["missing", "malformed", "empty"],
+)
+def test_bad_data_exits_2_before_anything_is_written(tiny_config_file, small_data, mutate, message):
+    config = tiny_config_file(domains=("medical", "legal"))
+    mutate(small_data)
+    result = invoke("train", config)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (config.parent / "output").exists() and not (config.parent / "runs").exists()
+
+
+def test_unknown_domain_and_missing_gpu_exit_2(ray_cluster, tiny_config_file):
+    config = tiny_config_file(domains=("medical",))
+    result = invoke("train", config, "--domain", "finance")
+    assert result.exit_code == 2 and "no domain named 'finance'" in result.output
+    result = invoke("train", config, "cluster.use_gpu=true")
+    assert result.exit_code == 2 and "set cluster.use_gpu=false" in result.output
+    assert not (config.parent / "output").exists()
