@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelSource(Section):
@@ -85,8 +85,11 @@ class Training(Section):
     epochs: float = Field(1.0, gt=0)
     """Passes over the training set, used when ``max_steps`` is not set."""
     learning_rate: float = Field(2e-4, gt=0, lt=1)
+    """Peak AdamW learning rate of the LoRA parameters."""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup (transformers' schedulers), to 0 at the last step."""
     warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warmup from 0 to ``learning_rate``."""
     micro_batch_size: int = Field(4, gt=0)
     """Examples per worker per forward pass."""
     grad_accum: int = Field(1, gt=0)
@@ -98,6 +101,7 @@ class Training(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
     seed: int = 0
+    """Seeds LoRA initialisation, dropout and the per-epoch data order."""
     eval_every: int = Field(25, gt=0)
     """Evaluate on the held-out split every N optimizer steps (and at the end)."""
     checkpoint_every: int = Field(50, gt=0)
@@ -170,6 +174,29 @@ class Config(Section):
                 return d
         known = ", ".join(d.name for d in self.domains)
         raise ConfigError([f"domains: no domain named {name!r}; configured: {known}"])
+
+
+def reference_markdown() -> str:
+    """The config reference table for README.md, generated from the field docstrings above."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            if annotation is not None and getattr(annotation, "__origin__", None) is list:
+                (item,) = annotation.__args__
+                if isinstance(item, type) and issubclass(item, BaseModel):
+                    walk(item, f"{prefix}{name}[].")
+                    continue
+            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            description = " ".join((info.description or "").split())
+            lines.append(f"| `{prefix}{name}` | `{default}` | {description} |")
+
+    walk(Config, "")
+    return "\n".join(lines)
 
 
 def _is_hub_id(model_id: str) -> bool:

@@ -51,6 +51,14 @@ def validate(config: ConfigArg, overrides: Overrides = None) -> None:
     typer.echo(yaml.safe_dump(cfg.model_dump(), sort_keys=False), nl=False)
 
 
+@app.command(name="config-reference", hidden=True)
+def config_reference() -> None:
+    """Print the config reference (markdown) that README.md carries."""
+    from lora.config import reference_markdown
+
+    typer.echo(reference_markdown())
+
+
 @app.command(name="train")
 @exits_2_on_bad_input
 def train_command(config: ConfigArg, overrides: Overrides = None, domain: DomainOpt = None) -> None:
