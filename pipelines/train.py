@@ -12,6 +12,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,18 +81,39 @@ class DomainResult:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WorkerSession:
+    """What the training code needs from the Ray library it runs under (Train worker or Tune trial)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    get_checkpoint: Callable[[], Checkpoint | None]
+    report: Callable[..., None]
+    """``report(metrics, checkpoint=None)`` as in ``ray.train.report`` / ``ray.tune.report``."""
+
+    @classmethod
+    def ray_train(cls) -> WorkerSession:
+        context = ray.train.get_context()
+        return cls(context.get_world_rank(), context.get_world_size(), context.get_local_rank(),
+                   ray.train.get_checkpoint, ray.train.report)
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Load base + LoRA, resume from the latest checkpoint if any, train, report metrics and checkpoints."""
+    """The Ray Train worker function: one DDP rank of one domain's run."""
     cfg = Config.model_validate(loop_config["cfg"])
-    domain = cfg.domain(loop_config["domain"])
+    train_domain(cfg, cfg.domain(loop_config["domain"]), WorkerSession.ray_train())
+
+
+def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
+    """Load base + LoRA, resume from the session's latest checkpoint if any, train, report metrics and checkpoints."""
     _quiet_worker_logs()
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    rank, world_size = session.rank, session.world_size
     if not cfg.cluster.use_gpu:
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
 
-    backend = dispatch_backend(cfg.quant, cfg.cluster.use_gpu, context.get_local_rank())
+    backend = dispatch_backend(cfg.quant, cfg.cluster.use_gpu, session.local_rank)
     model_dir = resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model, model_dir)
     train_examples, train_stats = load_examples(
@@ -108,7 +130,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     steps = total_steps(shard, cfg.train)
     optimizer, scheduler = build_optimizer(model, cfg.train, steps)
     state = TrainState()
-    if checkpoint := ray.train.get_checkpoint():
+    if checkpoint := session.get_checkpoint():
         with checkpoint.as_directory() as directory:
             state = load_training_state(Path(directory), model, optimizer, scheduler)
     if world_size > 1:
@@ -138,13 +160,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, float], state: TrainState, save: bool) -> None:
         if not save:
-            ray.train.report(metrics)
+            session.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:
                 save_training_state(Path(directory), model, optimizer, scheduler, state, base_model_id)
                 (Path(directory) / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=1))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
+            session.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
 
     bar = _progress_bar(rank, f"{domain.name} train", steps, state.step)
     train(
