@@ -135,6 +135,23 @@ class Cluster(Section):
     """Worker-group restarts (each resumes from the latest checkpoint) before a domain's run fails."""
 
 
+class Publish(Section):
+    registry: str = "embedded"
+    """Where versions go: ``embedded`` (the project's own SeaweedFS S3 server on 127.0.0.1, started on demand),
+    ``s3://bucket/prefix`` or ``file:///absolute/path``."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """s3fs options for an ``s3://`` registry (endpoint_url, ...). Credentials: prefer AWS_* environment variables."""
+    store_dir: str = ".loramill/store"
+    """Data folder of the embedded store, relative to the config file."""
+    gate_alias: str = Field("production", pattern=NAME_PATTERN)
+    """The alias the promotion gate moves."""
+    gate_tolerance: float = Field(0.02, ge=0, lt=1)
+    """The gate alias moves only if the new eval loss <= its current version's eval loss x (1 + tolerance)."""
+    audit_prompts: int = Field(3, ge=0, le=20)
+    """Held-out prompts answered by base and adapter side by side in the audit."""
+    audit_max_new_tokens: int = Field(48, gt=0, le=512)
+
+
 class Domain(Section):
     name: str = Field(pattern=NAME_PATTERN)
     """Lowercase letters, digits, ``-`` or ``_``; used in paths and registry keys."""
@@ -148,6 +165,17 @@ class Domain(Section):
     """Plain text: known limitations and out-of-scope uses. Published in the audit documentation."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """fsspec options for the data URLs."""
+    schedule: str | None = None
+    """Cron expression for scheduled retraining (e.g. ``0 3 * * 1``); None: on demand only."""
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        from croniter import croniter
+
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a cron expression (minute hour day month weekday), e.g. '0 3 * * 1'")
+        return value
 
 
 class Config(Section):
@@ -156,6 +184,7 @@ class Config(Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: Training = Field(default_factory=Training)
     cluster: Cluster = Field(default_factory=Cluster)
+    publish: Publish = Field(default_factory=Publish)
     domains: list[Domain] = Field(min_length=1)
 
     @field_validator("domains")
@@ -230,6 +259,9 @@ def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
     if isinstance(cluster, dict):
         for key in ("storage_url", "output_dir"):
             cluster[key] = absolute(cluster.get(key, Cluster.model_fields[key].default))
+    publish = raw.setdefault("publish", {})
+    if isinstance(publish, dict):
+        publish["store_dir"] = absolute(publish.get("store_dir", Publish.model_fields["store_dir"].default))
     model = raw.get("model")
     if isinstance(model, dict):
         for key in ("id", "tokenizer"):

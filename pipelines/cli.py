@@ -13,6 +13,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from infra.registry import RegistryError
+from infra.store import StoreError
 from lora.config import Config, ConfigError, load_config
 from lora.data import DataError
 from lora.model import BackendError
@@ -22,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 200)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
-USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, BackendError)
+USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, BackendError, RegistryError, StoreError)
 """Bad input: reported in one message that names the problem and the fix, exit status 2."""
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see configs/default.yaml)")]
@@ -68,6 +70,175 @@ def train_command(config: ConfigArg, overrides: Overrides = None, domain: Domain
     cfg = load_config(config, overrides or [])
     results = train.run(cfg, domain)
     console.print(training_table(results))
+
+
+@app.command()
+@exits_2_on_bad_input
+def publish(
+    config: ConfigArg,
+    domain: Annotated[str, typer.Option("--domain", "-d", help="Domain to publish")],
+    run_dir: Annotated[Path, typer.Option("--from", help="Run folder printed by `loramill train`")],
+    force: Annotated[bool, typer.Option(help="Promote past a failing gate (recorded as forced)")] = False,
+) -> None:
+    """Publish a finished run as the next immutable version, with its audit; apply the promotion gate."""
+    from pipelines import publish as publish_stage
+
+    cfg = load_config(config)
+    outcome = publish_stage.run(cfg, domain, run_dir.resolve(), force=force)
+    console.print(f"published [bold]{outcome.published.domain} v{outcome.published.version}[/] → "
+                  f"{outcome.published.url}")
+    console.print(f"gate ({outcome.gate['alias']}): {outcome.gate['decision']} — {outcome.gate['reason']}",
+                  markup=False)
+
+
+@app.command(name="list")
+@exits_2_on_bad_input
+def list_versions(
+    domain: Annotated[str | None, typer.Argument(help="Only this domain")] = None,
+    config: Annotated[Path, typer.Option("--config", "-c", help="Config naming the registry")] = Path(
+        "configs/default.yaml"),
+) -> None:
+    """List published versions: aliases, key metrics, sizes."""
+    from pipelines.publish import open_registry
+
+    registry = open_registry(load_config(config))
+    table = Table(title=f"loramill registry {registry.url}", title_justify="left")
+    for column in ("domain", "version", "created (UTC)", "parent", "aliases", "eval loss", "base loss", "files",
+                   "size"):
+        table.add_column(column)
+    for info in registry.describe(domain):
+        table.add_row(info.domain, f"v{info.version}", info.created_at[:19], f"v{info.parent_version}"
+                      if info.parent_version else "-", ", ".join(info.aliases),
+                      _fmt(info.metrics.get("eval_loss")), _fmt(info.metrics.get("base_eval_loss")),
+                      str(info.files), f"{info.size_bytes / 1e6:.1f} MB")
+    console.print(table)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    name, _, version = ref.partition("@")
+    return name, version or None
+
+
+@app.command()
+@exits_2_on_bad_input
+def pull(
+    ref: Annotated[str, typer.Argument(help="DOMAIN, DOMAIN@vN or DOMAIN@alias (default: latest)")],
+    to: Annotated[Path, typer.Option("--to", help="New folder to write (must not exist)")],
+    config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml"),
+) -> None:
+    """Download a version, verify every sha256 against its manifest, write it atomically."""
+    from pipelines.publish import open_registry
+
+    registry = open_registry(load_config(config))
+    domain, version = _split_ref(ref)
+    path = registry.pull(domain, version, to)
+    console.print(f"pulled {domain}@{version or 'latest'} (v{registry.resolve(domain, version)}) → {path}, verified")
+
+
+@app.command()
+@exits_2_on_bad_input
+def promote(
+    domain: Annotated[str, typer.Argument()],
+    version: Annotated[str, typer.Argument(help="vN")],
+    alias: Annotated[str, typer.Option("--alias")] = "production",
+    force: Annotated[bool, typer.Option(help="Skip the gate (recorded as forced)")] = False,
+    config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml"),
+) -> None:
+    """Move an alias to a version by compare-and-swap; the gate alias also has to pass the gate."""
+    from pipelines.publish import decide_gate, open_registry
+
+    cfg = load_config(config)
+    registry = open_registry(cfg)
+    number = registry.resolve(domain, version)
+    current = registry.alias(domain, alias)
+    record = {"by": "loramill promote", "forced": force}
+    if alias == cfg.publish.gate_alias:
+        metrics = registry.manifest(domain, number).metadata["metrics"]
+        gate = decide_gate(registry, cfg, domain, metrics, force)
+        record["gate"] = gate
+        if gate["decision"] == "not promoted":
+            errors.print(f"gate refused: {gate['reason']}; use --force to override (recorded)", markup=False)
+            raise typer.Exit(1)
+    state = registry.promote(domain, number, alias, expected=current.version if current else None, record=record)
+    console.print(f"{domain} {alias} → v{state.version} (generation {state.generation})")
+
+
+@app.command()
+@exits_2_on_bad_input
+def gc(
+    domain: Annotated[str | None, typer.Argument()] = None,
+    grace_s: Annotated[float, typer.Option(help="Leave uploads younger than this alone")] = 3600.0,
+    config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml"),
+) -> None:
+    """Remove abandoned uploads (versions without a manifest older than the grace period)."""
+    from pipelines.publish import open_registry
+
+    removed = open_registry(load_config(config)).gc(domain, grace_s=grace_s)
+    console.print(f"removed {len(removed)} abandoned upload(s)" + "".join(f"\n  {url}" for url in removed))
+
+
+store_app = typer.Typer(help="The embedded S3 server (SeaweedFS on 127.0.0.1).", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+def _store_dir(config: Path) -> Path:
+    return Path(load_config(config).publish.store_dir)
+
+
+@store_app.command("up")
+@exits_2_on_bad_input
+def store_up_command(config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml")) -> None:
+    """Start the store (or report the running one)."""
+    from infra.store import store_up
+
+    info = store_up(_store_dir(config))
+    console.print(f"store up: {info.endpoint_url} bucket {info.bucket} (pid {info.pid}, data {info.data_dir})")
+
+
+@store_app.command("down")
+@exits_2_on_bad_input
+def store_down_command(config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml")) -> None:
+    """Stop the store; its data stays."""
+    from infra.store import store_down
+
+    console.print("store stopped" if store_down(_store_dir(config)) else "store was not running")
+
+
+@store_app.command("status")
+@exits_2_on_bad_input
+def store_status_command(
+    config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml"),
+) -> None:
+    """Say whether the store runs, and where."""
+    from infra.store import store_status
+
+    info = store_status(_store_dir(config))
+    if info is None:
+        console.print("store is not running")
+        raise typer.Exit(1)
+    console.print(f"store up: {info.endpoint_url} bucket {info.bucket} (pid {info.pid}, data {info.data_dir})")
+
+
+@app.command(name="run")
+@exits_2_on_bad_input
+def run_command(config: ConfigArg, overrides: Overrides = None, domain: DomainOpt = None) -> None:
+    """The whole chain per domain: train → evaluate → gate → publish with the audit."""
+    from pipelines import run as run_stage
+
+    cfg = load_config(config, overrides or [])
+    rows = run_stage.run(cfg, domain)
+    console.print(training_table([r.training for r in rows]))
+    table = Table(title="published", title_justify="left")
+    for column in ("domain", "version", "eval loss", "gate", "where"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r.training.domain, f"v{r.outcome.published.version}", f"{r.training.eval_loss:.4f}",
+                      f"{r.outcome.gate['decision']}: {r.outcome.gate['reason']}", r.outcome.published.url)
+    console.print(table)
 
 
 def training_table(results) -> Table:

@@ -1,0 +1,342 @@
+"""Audit documentation of a model change (EU AI Act Annex IV), built only from the run's own facts.
+
+``build_audit`` gathers the facts into one dict (``audit.json``, schema-versioned); ``render_markdown`` writes the
+same facts for people (``audit.md``); ``model_card`` writes the Hugging Face ``README.md``; ``plot_*`` the PNGs.
+Nothing here contacts Ray or the store: the publish stage passes in what it read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lora.config import Config, Domain  # noqa: E402
+from lora.diff import ModuleDelta  # noqa: E402
+
+SCHEMA_VERSION = 1
+REQUIRED_SECTIONS = (
+    "base_model_and_modification",
+    "design_choices",
+    "compute",
+    "data",
+    "predetermined_changes",
+    "validation",
+    "intended_use_and_limitations",
+    "change_log",
+    "samples",
+)
+# Energy estimate: device-hours x an assumed average draw. Stated in the audit with the number used.
+ASSUMED_WATTS = {"cpu_core": 10.0, "gpu": 700.0}
+
+
+def build_audit(
+    *,
+    cfg: Config,
+    domain: Domain,
+    result: dict[str, Any],
+    run_info: dict[str, Any],
+    history: list[dict[str, float]],
+    adapter_config: dict[str, Any],
+    deltas: list[ModuleDelta],
+    samples: list[dict[str, str]],
+    tune: dict[str, Any] | None,
+    parent: dict[str, Any] | None,
+    gate: dict[str, Any],
+    checks: list[dict[str, str]],
+    public_config: dict[str, Any],
+    data_sources: dict[str, str],
+) -> dict[str, Any]:
+    """Every required section, filled from the run. ``parent`` is the parent version's audit.json (or None)."""
+    eval_loss, base_loss = result["eval_loss"], result["base_eval_loss"]
+    workers = run_info["hardware"]["workers"]
+    device_hours = result["wall_seconds"] * workers / 3600
+    watts = ASSUMED_WATTS["gpu"] if run_info["hardware"]["use_gpu"] else ASSUMED_WATTS["cpu_core"] * max(
+        1, run_info["hardware"]["cpus_per_worker"])
+    ranked = sorted(deltas, key=lambda d: d.frobenius_norm, reverse=True)
+    parent_loss = parent["validation"]["metrics"]["eval_loss"] if parent else None
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "domain": domain.name,
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "base_model_and_modification": {
+            "base_model": run_info["base_model"],
+            "method": "QLoRA (4-bit NF4 base, LoRA adapters)" if cfg.quant.mode == "nf4" else "LoRA",
+            "quantization": cfg.quant.model_dump() | {"effective_compute_dtype": run_info["compute_dtype"]},
+            "lora": {
+                "r": adapter_config["r"],
+                "alpha": adapter_config["lora_alpha"],
+                "dropout": adapter_config["lora_dropout"],
+                "target_modules": sorted(adapter_config["target_modules"]),
+            },
+            "trainable_params": result["trainable_params"],
+            "total_params": result["total_params"],
+            "trainable_fraction": result["trainable_params"] / result["total_params"],
+        },
+        "design_choices": _design_choices(cfg, tune),
+        "compute": {
+            "hardware": run_info["hardware"],
+            "wall_seconds": result["wall_seconds"],
+            "train_seconds": result["train_seconds"],
+            "device_hours": device_hours,
+            "energy_kwh_estimate": device_hours * watts / 1000,
+            "energy_method": f"device-hours x assumed {watts:g} W per device "
+                             f"({'GPU board power' if run_info['hardware']['use_gpu'] else 'per CPU core used'}); "
+                             "not metered",
+        },
+        "data": {
+            split: run_info["data"][split] | {"url": data_sources[split]} for split in ("train", "eval")
+        },
+        "predetermined_changes": {
+            "retraining_envelope": {
+                "lora_r": _range(tune, "ranks", [cfg.lora.r]),
+                "lora_alpha": _range(tune, "alphas", [cfg.lora.alpha]),
+                "learning_rate": [tune["lr_min"], tune["lr_max"]] if tune and "lr_min" in tune
+                else [cfg.train.learning_rate, cfg.train.learning_rate],
+                "base_model": run_info["base_model"]["id"],
+                "quantization": cfg.quant.mode,
+            },
+            "acceptance_gate": {
+                "alias": cfg.publish.gate_alias,
+                "rule": f"eval_loss <= current {cfg.publish.gate_alias} eval_loss x (1 + {cfg.publish.gate_tolerance:g})"
+                        " and eval_loss < base eval_loss",
+            },
+            "schedule": domain.schedule,
+        },
+        "validation": {
+            "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "metrics": {
+                "eval_loss": eval_loss,
+                "eval_perplexity": math.exp(eval_loss),
+                "base_eval_loss": base_loss,
+                "base_eval_perplexity": math.exp(base_loss),
+                "delta_vs_base": eval_loss - base_loss,
+                "parent_eval_loss": parent_loss,
+                "delta_vs_parent": None if parent_loss is None else eval_loss - parent_loss,
+            },
+            "eval_examples": run_info["data"]["eval"]["examples_kept"],
+            "checks": checks,
+            "gate": gate,
+        },
+        "intended_use_and_limitations": {"intended_use": domain.intended_use, "limitations": domain.limitations},
+        "change_log": {
+            "parent_version": parent["version"] if parent else None,
+            "config_changes": _dict_diff(parent["config"], public_config) if parent else {},
+            "data_changes": {
+                split: {"from": parent["data"][split]["sha256"], "to": run_info["data"][split]["sha256"]}
+                for split in ("train", "eval")
+                if parent and parent["data"][split]["sha256"] != run_info["data"][split]["sha256"]
+            },
+            "metric_deltas": {"eval_loss": None if parent_loss is None else eval_loss - parent_loss},
+            "weight_change": {
+                "total_frobenius_norm": math.sqrt(sum(d.frobenius_norm**2 for d in deltas)),
+                "modules": [d.to_dict() for d in deltas],
+                "most_changed": [d.module for d in ranked[:5]],
+            },
+        },
+        "samples": samples,
+        "config": public_config,
+    }
+
+
+def _design_choices(cfg: Config, tune: dict[str, Any] | None) -> dict[str, Any]:
+    if tune is None:
+        return {
+            "search": None,
+            "chosen": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "learning_rate": cfg.train.learning_rate},
+            "selection": "fixed in the config (no tuning run)",
+        }
+    return {
+        "search": tune.get("search_space"),
+        "trials": tune.get("trials"),
+        "chosen": tune.get("best"),
+        "selection": f"lowest {tune.get('metric', 'eval_loss')} among the trials",
+    }
+
+
+def _range(tune: dict[str, Any] | None, key: str, default: list[float]) -> list[float]:
+    values = (tune or {}).get("search_space", {}).get(key) or default
+    return [min(values), max(values)]
+
+
+def _dict_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"dotted.key": {"from": a, "to": b}}`` for every leaf that differs."""
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes |= _dict_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes[f"{prefix}{key}"] = {"from": a, "to": b}
+    return changes
+
+
+# ---------------------------------------------------------------------------------------------
+# For people
+# ---------------------------------------------------------------------------------------------
+
+
+def render_markdown(audit: dict[str, Any], version: int) -> str:
+    base = audit["base_model_and_modification"]
+    design, compute, val = audit["design_choices"], audit["compute"], audit["validation"]
+    metrics, change = val["metrics"], audit["change_log"]
+    lines = [
+        f"# Audit: `{audit['domain']}` adapter v{version}",
+        "",
+        f"Generated {audit['generated_at']} from the training run's own records (audit.json holds the same facts).",
+        "",
+        "## 1. Base model and modification (Annex IV 2(a))",
+        f"- Base: `{base['base_model']['id']}` revision `{base['base_model']['revision']}`, "
+        f"weights sha256 `{base['base_model']['weights_sha256']}`",
+        f"- Method: {base['method']}; quantization `{base['quantization']['mode']}`, double quant "
+        f"{base['quantization']['double_quant']}, compute dtype {base['quantization']['effective_compute_dtype']}",
+        f"- LoRA r={base['lora']['r']}, alpha={base['lora']['alpha']}, dropout={base['lora']['dropout']}, "
+        f"targets: {', '.join(base['lora']['target_modules'])}",
+        f"- Trainable parameters: {base['trainable_params']:,} of {base['total_params']:,} "
+        f"({base['trainable_fraction']:.3%})",
+        "",
+        "## 2. Design choices (2(b))",
+        f"- Selection: {design['selection']}",
+        f"- Chosen: `{json.dumps(design['chosen'])}`",
+    ]
+    if design.get("search"):
+        lines += [f"- Search space: `{json.dumps(design['search'])}`", f"- Trials run: {len(design['trials'] or [])}"]
+    lines += [
+        "",
+        "## 3. Compute (2(c))",
+        f"- Hardware: {compute['hardware']['device']}, {compute['hardware']['workers']} worker(s), "
+        f"GPU: {compute['hardware']['use_gpu']}",
+        f"- Wall time {compute['wall_seconds']:.0f} s (in optimizer steps: {compute['train_seconds']:.0f} s), "
+        f"{compute['device_hours']:.4f} device-hours",
+        f"- Energy estimate: {compute['energy_kwh_estimate']:.4f} kWh — {compute['energy_method']}",
+        "",
+        "## 4. Data (2(d))",
+        "| split | source | sha256 | examples read | kept | dropped (overlong) | truncated | tokens | loss tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for split, d in audit["data"].items():
+        lines.append(
+            f"| {split} | `{d['url']}` | `{d['sha256'][:16]}…` | {d['examples_read']} | {d['examples_kept']} | "
+            f"{d['dropped_overlong']} | {d['truncated_overlong']} | {d['tokens']:,} | {d['target_tokens']:,} |"
+        )
+    envelope = audit["predetermined_changes"]
+    lines += [
+        "",
+        "## 5. Pre-determined changes (2(f))",
+        f"- Retraining envelope: `{json.dumps(envelope['retraining_envelope'])}`",
+        f"- Acceptance gate (`{envelope['acceptance_gate']['alias']}`): {envelope['acceptance_gate']['rule']}",
+        f"- Schedule: {envelope['schedule'] or 'on demand'}",
+        "",
+        "## 6. Validation (2(g))",
+        f"Evaluated {val['evaluated_at']} on {val['eval_examples']} held-out examples.",
+        "",
+        "| model | eval loss | perplexity |",
+        "|---|---|---|",
+        f"| base | {metrics['base_eval_loss']:.4f} | {metrics['base_eval_perplexity']:.2f} |",
+        f"| this adapter | {metrics['eval_loss']:.4f} | {metrics['eval_perplexity']:.2f} |",
+    ]
+    if metrics["parent_eval_loss"] is not None:
+        lines.append(f"| parent v{change['parent_version']} | {metrics['parent_eval_loss']:.4f} | "
+                     f"{math.exp(metrics['parent_eval_loss']):.2f} |")
+    gate = val["gate"]
+    lines += ["", "Checks run:", *[f"- {c['check']}: **{c['result']}**" for c in val["checks"]], "",
+              f"Gate decision: **{gate['decision']}** — {gate['reason']}", "",
+              "![loss curves](loss_curves.png)", "",
+              "## 7. Intended use and limitations (3)",
+              f"- Intended use: {audit['intended_use_and_limitations']['intended_use']}",
+              f"- Limitations: {audit['intended_use_and_limitations']['limitations']}", "",
+              "## 8. Change log (6)",
+              f"- Parent version: {('v' + str(change['parent_version'])) if change['parent_version'] else 'none (first version)'}"]
+    for key, diff in change["config_changes"].items():
+        lines.append(f"- config `{key}`: `{diff['from']}` → `{diff['to']}`")
+    for split, diff in change["data_changes"].items():
+        lines.append(f"- {split} data changed: sha256 `{diff['from'][:16]}…` → `{diff['to'][:16]}…`")
+    if change["metric_deltas"]["eval_loss"] is not None:
+        lines.append(f"- eval loss vs parent: {change['metric_deltas']['eval_loss']:+.4f}")
+    weights = change["weight_change"]
+    lines += [f"- Weight change: total ‖ΔW‖_F = {weights['total_frobenius_norm']:.4f} over "
+              f"{len(weights['modules'])} modules (ΔW = B·A·α/r)", "", "| most-changed module | ‖ΔW‖_F | effective rank |",
+              "|---|---|---|"]
+    by_name = {m["module"]: m for m in weights["modules"]}
+    for name in weights["most_changed"]:
+        lines.append(f"| `{name}` | {by_name[name]['frobenius_norm']:.4f} | {by_name[name]['effective_rank']:.2f} |")
+    lines += ["", "![per-layer weight change](delta_w.png)", "", "## 9. Samples: base vs adapter", ""]
+    for sample in audit["samples"]:
+        lines += [f"**Prompt:** {sample['prompt']}", "", "| base | adapter |", "|---|---|",
+                  f"| {_cell(sample['base'])} | {_cell(sample['adapter'])} |", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def model_card(audit: dict[str, Any], version: int, license_id: str = "apache-2.0") -> str:
+    """Hugging Face model card: YAML front matter + a short body pointing at audit.md."""
+    base = audit["base_model_and_modification"]
+    metrics = audit["validation"]["metrics"]
+    front = {
+        "base_model": base["base_model"]["id"],
+        "library_name": "peft",
+        "license": license_id,
+        "tags": ["lora", "qlora" if "QLoRA" in base["method"] else "lora-fp", "loramill", audit["domain"]],
+        "datasets": [audit["data"]["train"]["url"], audit["data"]["eval"]["url"]],
+        "model-index": [{
+            "name": f"{audit['domain']}-v{version}",
+            "results": [{
+                "task": {"type": "text-generation"},
+                "dataset": {"name": audit["data"]["eval"]["url"], "type": "jsonl"},
+                "metrics": [{"type": "loss", "value": round(metrics["eval_loss"], 4)},
+                            {"type": "perplexity", "value": round(metrics["eval_perplexity"], 3)}],
+            }],
+        }],
+    }
+    import yaml
+
+    return (
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
+        f"# {audit['domain']} adapter v{version}\n\n"
+        f"A {base['method']} adapter for `{base['base_model']['id']}` "
+        f"(r={base['lora']['r']}, alpha={base['lora']['alpha']}), trained by loramill.\n\n"
+        f"- Intended use: {audit['intended_use_and_limitations']['intended_use']}\n"
+        f"- Limitations: {audit['intended_use_and_limitations']['limitations']}\n"
+        f"- Held-out eval loss {metrics['eval_loss']:.4f} (base {metrics['base_eval_loss']:.4f})\n\n"
+        "Load it with PEFT:\n\n```python\nfrom peft import PeftModel\n"
+        "model = PeftModel.from_pretrained(base_model, \"path/to/this/folder\")\n```\n\n"
+        "What changed, on what data, and why it was or was not promoted: see [audit.md](audit.md).\n"
+    )
+
+
+def plot_losses(history: list[dict[str, float]], path: Path) -> None:
+    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", alpha=0.7)
+    ax.plot(*zip(*evals), "o-", label="eval loss (step 0 = base model)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_deltas(deltas: list[ModuleDelta], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.12 * len(deltas))), dpi=100)
+    names = [d.module.removeprefix("model.").replace("layers.", "L") for d in deltas]
+    ax.barh(range(len(deltas)), [d.frobenius_norm for d in deltas])
+    ax.set_yticks(range(len(deltas)), names, fontsize=5)
+    ax.invert_yaxis()
+    ax.set_xlabel("‖ΔW‖_F  (ΔW = B·A·α/r)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
