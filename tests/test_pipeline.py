@@ -1,0 +1,92 @@
+"""`loramill run` end to end on the real local Ray and the real S3 server (SeaweedFS): train → gate →
+publish with the audit; then pull, load with PEFT, and a second version on changed data."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from infra.registry import Registry
+from pipelines.audit import REQUIRED_SECTIONS
+from pipelines.cli import app
+
+runner = CliRunner()
+
+
+def walk_bytes(registry_url, options):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**{"endpoint_url": options["endpoint_url"], "key": options["key"],
+                              "secret": options["secret"]})
+    root = registry_url.removeprefix("s3://")
+    return {path: fs.cat_file(path) for path in fs.find(root)}
+
+
+def test_run_publishes_audited_versions_that_pull_and_load(ray_cluster, tiny_config_file, tiny_model_dir,
+                                                           s3_store, registry_url, small_data, tmp_path):
+    options = s3_store.storage_options()
+    config = tiny_config_file(domains=("support",), publish={
+        "registry": registry_url, "storage_options": options, "audit_prompts": 2, "audit_max_new_tokens": 8})
+    first = runner.invoke(app, ["run", str(config)])
+    assert first.exit_code == 0, first.output
+    assert "published" in first.output and "v1" in first.output
+
+    registry = Registry(registry_url, options)
+    manifest = registry.manifest("support", 1)
+    assert set(manifest.files) == {"adapter_config.json", "adapter_model.safetensors", "README.md", "audit.md",
+                                   "audit.json", "loss_curves.png", "delta_w.png"}
+    assert registry.alias("support", "production").version == 1
+    assert manifest.metadata["base_model"]["id"] == "tests/tiny-llama"
+
+    pulled = registry.pull("support", "latest", tmp_path / "pulled")
+    audit = json.loads((pulled / "audit.json").read_text())
+    for section in REQUIRED_SECTIONS:
+        assert audit[section], f"audit section {section} is empty"
+    assert (pulled / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (pulled / "README.md").read_text()
+    assert card.startswith("---\nbase_model: tests/tiny-llama\nlibrary_name: peft\n")
+
+    # ΔW in the audit equals a direct computation from the published weights.
+    weights = load_file(pulled / "adapter_model.safetensors")
+    config_json = json.loads((pulled / "adapter_config.json").read_text())
+    scale = config_json["lora_alpha"] / config_json["r"]
+    for module in audit["change_log"]["weight_change"]["modules"][:4]:
+        key = f"base_model.model.{module['module']}"
+        delta = weights[f"{key}.lora_B.weight"].double() @ weights[f"{key}.lora_A.weight"].double() * scale
+        assert abs(torch.linalg.matrix_norm(delta).item() - module["frobenius_norm"]) < 1e-6
+
+    # The pulled folder loads with PEFT and gives the trained adapter's outputs.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    [run_dir] = (config.parent / "output" / "support").iterdir()
+    inputs = torch.tensor([[1, 20, 300, 4000]])
+    outputs = []
+    for adapter in (run_dir / "adapter", pulled):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        outputs.append(PeftModel.from_pretrained(base, adapter).eval()(inputs).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+    # Nothing published holds a credential or an absolute path of this machine.
+    for path, data in walk_bytes(registry_url, options).items():
+        assert options["secret"].encode() not in data, path
+        assert options["key"].encode() not in data, path
+        assert str(tmp_path).encode() not in data and b"/root/" not in data, path
+
+    # Changed data -> v2 with v1 as parent; the change log says what changed.
+    train_file = small_data / "support/train.jsonl"
+    train_file.write_text("".join(train_file.read_text().splitlines(keepends=True)[:-4]))
+    second = runner.invoke(app, ["run", str(config), "train.learning_rate=0.02"])
+    assert second.exit_code == 0, second.output
+    v2 = registry.pull("support", "v2", tmp_path / "v2")
+    audit2 = json.loads((v2 / "audit.json").read_text())
+    assert audit2["change_log"]["parent_version"] == 1
+    assert "train" in audit2["change_log"]["data_changes"]
+    assert audit2["change_log"]["config_changes"]["train.learning_rate"] == {"from": 0.01, "to": 0.02}
+    gate = audit2["validation"]["gate"]
+    assert gate["current_version"] == 1 and gate["decision"] in ("promoted", "not promoted")
+    history = registry.alias("support", "production").history
+    assert [h["to"] for h in history] == ([1, 2] if gate["decision"] == "promoted" else [1])
+    assert "## 8. Change log (6)" in (v2 / "audit.md").read_text()
