@@ -88,3 +88,10 @@ def test_cli_validate_prints_or_exits_2():
     assert "lora.r:" in bad.output and "cluster.gpus: unknown key" in bad.output
     missing = runner.invoke(app, ["validate", "nope.yaml"])
     assert missing.exit_code == 2 and "config file not found" in missing.output
+
+
+def test_readme_config_reference_matches_the_code():
+    from lora.config import reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    assert reference_markdown() in readme, "regenerate README's config reference: loramill config-reference"
