@@ -41,6 +41,14 @@ def exits_2_on_bad_input(command: Callable) -> Callable:
             errors.print("error:", style="bold red", end=" ")
             errors.print(str(e), markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except RuntimeError as e:
+            from pipelines.train import TrainingFailed
+
+            if not isinstance(e, TrainingFailed):
+                raise
+            errors.print("failed:", style="bold red", end=" ")
+            errors.print(str(e), markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -27,6 +27,7 @@ from ray.train.torch import TorchTrainer
 from lora.config import Config, ConfigError, Domain
 from lora.data import check_file, load_examples
 from lora.model import (
+    Backend,
     BackendError,
     apply_lora,
     check_bitsandbytes,
@@ -53,6 +54,10 @@ from pipelines.ray_session import cluster_gpus, ensure_ray
 
 RUN_INFO_FILE = "run_info.json"
 RESULT_FILE = "result.json"
+
+
+class TrainingFailed(RuntimeError):
+    """A domain's run failed for good (its restarts used up); the message names the domain and the cause."""
 
 
 @dataclass
@@ -115,14 +120,11 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
 
     backend = dispatch_backend(cfg.quant, cfg.cluster.use_gpu, session.local_rank)
     model_dir = resolve_model_dir(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, model_dir)
-    train_examples, train_stats = load_examples(
-        domain.train, domain.storage_options, tokenizer, cfg.train.max_seq_len, cfg.train.overlong
-    )
-    eval_examples, eval_stats = load_examples(
-        domain.eval, domain.storage_options, tokenizer, cfg.train.max_seq_len, cfg.train.overlong
-    )
-    model = load_base_model(model_dir, cfg.model, cfg.quant, backend)
+    tokenizer = _memo(("tokenizer", cfg.model.model_dump_json(), str(model_dir)),
+                      lambda: load_tokenizer(cfg.model, model_dir))
+    train_examples, train_stats = _tokenized(domain.train, domain, tokenizer, cfg)
+    eval_examples, eval_stats = _tokenized(domain.eval, domain, tokenizer, cfg)
+    base_key, model = _borrow_base_model(model_dir, cfg, backend)
     model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
     trainable, total = parameter_counts(model)
 
@@ -169,12 +171,68 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
             session.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
 
     bar = _progress_bar(rank, f"{domain.name} train", steps, state.step)
-    train(
-        model, optimizer, scheduler, shard, cfg.train, state, report,
-        pad_id=tokenizer.pad_token_id, device=backend.device, progress=lambda step: bar and bar.update(1),
-    )
+    try:
+        train(
+            model, optimizer, scheduler, shard, cfg.train, state, report,
+            pad_id=tokenizer.pad_token_id, device=backend.device, progress=lambda step: bar and bar.update(1),
+        )
+    finally:  # also when Tune stops the trial: its report() raises SystemExit in this thread
+        _give_back_base_model(base_key, model)
     if bar:
         bar.close()
+
+
+# Per-process caches. A Tune actor runs trial after trial (reuse_actors=True), each through train_domain; without
+# these every trial would re-read the tokenizer, re-tokenize its data and reload the base model (3 s for
+# SmolLM2-135M in 4-bit on CPU). Ray Train workers run one domain each, so for them the caches are inert.
+
+_memos: dict[tuple, Any] = {}
+_idle_base_models: dict[tuple, torch.nn.Module] = {}
+
+
+def _memo(key: tuple, load: Callable[[], Any]) -> Any:
+    if key not in _memos:
+        _memos[key] = load()
+    return _memos[key]
+
+
+def _tokenized(url: str, domain: Domain, tokenizer: Any, cfg: Config):
+    """``load_examples`` once per file version: the key holds fsspec's ukey (a hash of size/mtime, or the ETag)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **domain.storage_options)
+    key = ("examples", url, fs.ukey(path), id(tokenizer), cfg.train.max_seq_len, cfg.train.overlong)  # tokenizers are memoized: one object each
+    return _memo(key, lambda: load_examples(url, domain.storage_options, tokenizer, cfg.train.max_seq_len,
+                                            cfg.train.overlong))
+
+
+def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend) -> tuple[tuple, torch.nn.Module]:
+    """(key, base) with this process's idle base for ``cfg`` if there is one, else a fresh load.
+
+    The base leaves the cache while lent: a run that never gives it back (killed mid-step) leaves nothing
+    behind, so the next run loads afresh instead of training on a base that still carries LoRA layers.
+    """
+    key = (str(model_dir), cfg.model.revision, cfg.quant.model_dump_json(), repr(backend),
+           cfg.train.gradient_checkpointing)
+    base = _idle_base_models.pop(key, None)
+    if base is None:
+        _idle_base_models.clear()  # one base per process: a different one replaces it, memory stays flat
+        base = load_base_model(model_dir, cfg.model, cfg.quant, backend)
+    return key, base
+
+
+def _give_back_base_model(key: tuple, model: torch.nn.Module) -> None:
+    """Strip the adapter and keep the base for the next run in this process.
+
+    peft's ``unload()`` puts the original modules back (the same objects; the base weights are frozen, so no step
+    touched them) and drops its ``peft_config``; the rest restores what a fresh load has: eval mode and no
+    input-grad hook (``apply_lora`` adds one for gradient checkpointing without 4-bit, and would add another).
+    tests/test_tune.py checks that a run on a given-back base reproduces a run on a fresh one exactly.
+    """
+    base = getattr(model, "module", model).unload()  # .module: DDP-wrapped on multi-worker runs
+    base.disable_input_require_grads()
+    base.eval()
+    _idle_base_models[key] = base
 
 
 def _quiet_worker_logs() -> None:
@@ -325,6 +383,14 @@ def run(cfg: Config, domain_names: list[str] | None = None) -> list[DomainResult
     results = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
-        pending.pop(done[0])
-        results.append(DomainResult.load(Path(ray.get(done[0])["output_dir"])))
+        name = pending.pop(done[0])
+        try:
+            output = ray.get(done[0])
+        except ray.exceptions.RayTaskError as e:
+            for other in pending:
+                ray.cancel(other)
+            raise TrainingFailed(
+                f"domain {name!r}: training failed after {cfg.cluster.max_failures} restart(s): {e.cause}"
+            ) from None
+        results.append(DomainResult.load(Path(output["output_dir"])))
     return sorted(results, key=lambda r: [d.name for d in domains].index(r.domain))
