@@ -71,8 +71,8 @@ PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", 
 
 _NAME_RE = re.compile(NAME_PATTERN)
 _VERSION_REF_RE = re.compile(r"^v?([0-9]+)$")
-_FILE_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
-_PREFIX_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+# One part of a file name inside a version, or of the URL prefix: no hidden parts, so never '.' or '..'.
+_PATH_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _VERSION_DIR_RE = re.compile(r"^v([1-9][0-9]*)$")
 _CHUNK = 16 * 2**20
@@ -341,8 +341,8 @@ class Registry:
         self._check_listing(manifest)
         for name, entry in manifest.files.items():
             path = self._path(domain, f"v{version}", name)
-            digest = self._call(f"hashing {domain} v{version}/{name}", lambda: _sha256(self._backend.open(path)))
-            _check_digest(manifest, name, digest, entry)
+            found = self._call(f"hashing {domain} v{version}/{name}", lambda: _hash(self._backend.open(path)))
+            _check_file(manifest, name, found)
         return manifest
 
     def pull(self, domain: str, ref: str | int | None, dest: Path) -> Path:
@@ -368,7 +368,7 @@ class Registry:
                 path = self._path(domain, f"v{version}", name)
                 self._call(f"downloading {domain} v{version}/{name}", lambda: self._backend.download(path, local))
                 with open(local, "rb") as handle:
-                    _check_digest(manifest, name, _sha256(handle), entry)
+                    _check_file(manifest, name, _hash(handle))
             if dest.exists():
                 raise RegistryError(f"{dest} appeared while pulling: pull never overwrites; nothing was changed")
             os.rename(staging, dest)
@@ -393,27 +393,10 @@ class Registry:
         files = _scan_adapter_dir(Path(local_dir))
         extra = _check_metadata(metadata or {})
         self._guard(json.dumps(extra).encode(), "the metadata")
-        # Start above every version folder seen, complete or not; the conditional create settles races.
-        seen = {_version_of(rel) for rel in self._walk(self._path(domain), f"listing {domain}") if _in_version(rel)}
-        version, claim = self._claim_version(domain, seen)
+        version, claim = self._claim_version(domain)
         for name, entry in files.items():
             self._upload(domain, version, Path(local_dir) / name, name, entry)
-        self._check_claim(domain, version, claim)
-        earlier = [v for v in self.versions(domain) if v < version]
-        manifest = Manifest.model_validate(
-            {
-                "schema": SCHEMA,
-                "domain": domain,
-                "version": version,
-                "parent_version": earlier[-1] if earlier else None,
-                "created_at": _now(),
-                "files": files,
-                **extra,
-            }
-        )
-        manifest_path = self._path(domain, f"v{version}", MANIFEST)
-        if not self._put_if(manifest_path, manifest.to_json(), None, f"writing {domain} v{version} manifest"):
-            raise RegistryError(f"{self._url(manifest_path)} already exists: versions are never overwritten")
+        manifest = self._commit(domain, version, claim, files, extra)
         self.verify(domain, version)
         self._advance_latest(domain, version)
         return PublishedVersion(domain=domain, version=version, url=self.location(domain, version), manifest=manifest)
@@ -495,9 +478,13 @@ class Registry:
 
     # ---------------------------------------------------------------- internals
 
-    def _claim_version(self, domain: str, seen: set[int]) -> tuple[int, bytes]:
-        """Reserve the lowest free version above every one seen, by conditional create of `v<N>/.claim`."""
-        version = max(seen, default=0) + 1
+    def _claim_version(self, domain: str) -> tuple[int, bytes]:
+        """Reserve the next version by conditional create of `v<N>/.claim`; return it and the claim's bytes.
+
+        Starts above every version folder seen, complete or not; the conditional create settles races.
+        """
+        listing = self._walk(self._path(domain), f"listing {domain}")
+        version = max((_version_of(rel) for rel in listing if _in_version(rel)), default=0) + 1
         claim = json.dumps({"claimed_at": _now(), "owner": _owner(), "token": uuid.uuid4().hex}).encode()
         for _ in range(1000):
             if self._put_if(self._path(domain, f"v{version}", CLAIM), claim, None, f"claiming {domain} v{version}"):
@@ -505,15 +492,34 @@ class Registry:
             version += 1
         raise RegistryError(f"could not claim a version of {domain} after 1000 tries: is something looping?")
 
-    def _check_claim(self, domain: str, version: int, claim: bytes) -> None:
-        """Refuse to commit a version whose claim gc removed (an upload that outlived the gc grace period)."""
-        path = self._path(domain, f"v{version}", CLAIM)
-        current = self._call(f"reading {domain} v{version} claim", lambda: self._backend.read(path))
+    def _commit(
+        self, domain: str, version: int, claim: bytes, files: dict[str, FileEntry], metadata: dict[str, Any]
+    ) -> Manifest:
+        """Write the manifest (create-only): from here on the version exists."""
+        claim_path = self._path(domain, f"v{version}", CLAIM)
+        current = self._call(f"reading {domain} v{version} claim", lambda: self._backend.read(claim_path))
         if current is None or current[0] != claim:
+            # gc removed an upload that outlived its grace period: committing would expose missing files.
             raise RegistryError(
                 f"the claim on {domain} v{version} was removed while uploading (gc ran with a grace period "
                 f"shorter than this upload): publish again"
             )
+        earlier = [v for v in self.versions(domain) if v < version]
+        manifest = Manifest.model_validate(
+            {
+                "schema": SCHEMA,
+                "domain": domain,
+                "version": version,
+                "parent_version": earlier[-1] if earlier else None,
+                "created_at": _now(),
+                "files": files,
+                **metadata,
+            }
+        )
+        path = self._path(domain, f"v{version}", MANIFEST)
+        if not self._put_if(path, manifest.to_json(), None, f"writing {domain} v{version} manifest"):
+            raise RegistryError(f"{self._url(path)} already exists: versions are never overwritten")
+        return manifest
 
     def _upload(self, domain: str, version: int, local: Path, name: str, entry: FileEntry) -> None:
         what = f"uploading {domain} v{version}/{name}"
@@ -522,7 +528,7 @@ class Registry:
             return
         # The folder is ours by claim, so an existing file is our own retried upload whose first response was
         # lost; anything else there must not be overwritten.
-        if self._call(what, lambda: _sha256(self._backend.open(path))) != entry.sha256:
+        if self._call(what, lambda: _hash(self._backend.open(path))) != entry:
             raise RegistryError(f"{self._url(path)} already exists: version folders are never overwritten")
 
     def _check_listing(self, manifest: Manifest) -> None:
@@ -594,6 +600,12 @@ class Registry:
             self._guard(data, f"alias {alias}")
             if self._put_if(path, data, etag, f"moving alias {alias} of {domain}"):
                 return new
+            if expected != "any":
+                # Someone wrote between our read and our write: the state the caller decided on is gone.
+                raise ConflictError(
+                    f"alias {alias!r} of {domain} was moved by someone else while promoting to v{version}: "
+                    f"re-read it and decide again"
+                )
             # Lost the race: back off a little (jittered, so the losers do not collide again) and re-read.
             time.sleep(random.uniform(0, 0.01 * min(attempt + 1, 10)))
         raise ConflictError(f"alias {alias!r} of {domain} kept changing during {_CAS_ATTEMPTS} attempts: retry later")
@@ -609,10 +621,14 @@ class Registry:
             current = self._call(f"reading lock {name}", lambda: self._backend.read(path))
             if current is None:
                 continue  # released between our two calls: try to create it again
-            held = json.loads(current[0])
-            if datetime.fromisoformat(held["expires_at"]) > datetime.now(UTC):
+            try:
+                held = json.loads(current[0])
+                owner, expires_at = held["owner"], datetime.fromisoformat(held["expires_at"])
+            except (ValueError, KeyError, TypeError):
+                raise IntegrityError(f"{self._url(path)} is not a lock document: delete it") from None
+            if expires_at > datetime.now(UTC):
                 raise ConflictError(
-                    f"lock {name!r} of {domain} is held by {held['owner']} until {held['expires_at']}: "
+                    f"lock {name!r} of {domain} is held by {owner} until {expires_at.isoformat()}: "
                     f"wait for it to finish or expire"
                 )
             if self._put_if(path, data, current[1], f"taking over expired lock {name}"):
@@ -976,7 +992,7 @@ def _parse_url(url: str) -> tuple[str, str, str]:
 
 def _check_prefix(parts: list[str], url: str) -> None:
     for part in parts:
-        if not _PREFIX_PART_RE.match(part):
+        if not _PATH_PART_RE.match(part):
             raise RegistryError(
                 f"path part {part!r} of {url!r} is invalid: use letters, digits, '.', '_' or '-', not starting "
                 f"with '.' (no '..')"
@@ -998,7 +1014,7 @@ def _positive(version: int | None) -> int:
 
 def _file_problem(rel: str) -> str | None:
     """Why `rel` may not be stored in a version folder, or None if it may."""
-    if not all(_FILE_PART_RE.match(part) for part in rel.split("/")):
+    if not all(_PATH_PART_RE.match(part) for part in rel.split("/")):
         return "is not a plain relative file name (letters, digits, '.', '_', '-'; no hidden or '..' parts)"
     suffix = posixpath.splitext(rel)[1].lower()
     if suffix in PICKLE_SUFFIXES:
@@ -1026,10 +1042,12 @@ def _scan_adapter_dir(local_dir: Path) -> dict[str, FileEntry]:
         if problem:
             raise RegistryError(f"{rel} in {local_dir} {problem}")
         with open(path, "rb") as handle:
-            files[rel] = FileEntry(sha256=_sha256(handle), size=path.stat().st_size)
+            files[rel] = _hash(handle)
     missing = sorted(REQUIRED_FILES - files.keys())
     if missing:
-        raise RegistryError(f"{local_dir} lacks {missing}: it is not a PEFT adapter folder (save_pretrained writes them)")
+        raise RegistryError(
+            f"{local_dir} lacks {missing}: it is not a PEFT adapter folder (save_pretrained writes them)"
+        )
     return files
 
 
@@ -1054,20 +1072,31 @@ def _json_roundtrip(value: Mapping[str, Any], what: str) -> dict[str, Any]:
         raise RegistryError(f"{what} must be plain JSON (no NaN, no objects): {exc}") from None
 
 
-def _check_digest(manifest: Manifest, name: str, digest: str, entry: FileEntry) -> None:
-    if digest != entry.sha256:
+def _check_file(manifest: Manifest, name: str, found: FileEntry) -> None:
+    """Raise IntegrityError unless `found` (hashed from the store or the download) matches the manifest."""
+    expected = manifest.files[name]
+    if found.size != expected.size:
         raise IntegrityError(
-            f"{manifest.domain} v{manifest.version}: {name!r} has sha256 {digest[:16]}..., the manifest says "
-            f"{entry.sha256[:16]}...: the file or the manifest was changed after publishing; do not use this version"
+            f"{manifest.domain} v{manifest.version}: {name!r} is {found.size} bytes, the manifest says "
+            f"{expected.size}: the file or the manifest was changed after publishing; do not use this version"
+        )
+    if found.sha256 != expected.sha256:
+        raise IntegrityError(
+            f"{manifest.domain} v{manifest.version}: {name!r} has sha256 {found.sha256[:16]}..., the manifest "
+            f"says {expected.sha256[:16]}...: the file or the manifest was changed after publishing; do not use "
+            f"this version"
         )
 
 
-def _sha256(handle: IO[bytes]) -> str:
+def _hash(handle: IO[bytes]) -> FileEntry:
+    """sha256 and size of a stream, read in 16 MiB chunks; closes it."""
     digest = hashlib.sha256()
+    size = 0
     with handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
+            size += len(chunk)
+    return FileEntry(sha256=digest.hexdigest(), size=size)
 
 
 def _is_manifest(rel: str, depth: int = 3) -> bool:

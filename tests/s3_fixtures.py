@@ -5,16 +5,18 @@
 - `registry_url`: a fresh `s3://loramill/test-<uuid>` prefix on it for each test.
 - `moto_server`: moto's S3 on 127.0.0.1 (starts in ~0.01 s, follows AWS naming and listing rules exactly, but
   accepts any credentials and keeps nothing on disk).
-- `registry`: a fresh Registry, parametrized over SeaweedFS, moto and file://.
+- `target`: a fresh empty registry plus raw access to its storage, parametrized over SeaweedFS, moto and file://.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
+import fsspec
 import pytest
 
 from infra.registry import Registry
@@ -60,13 +62,29 @@ def moto_options(endpoint: str) -> dict[str, str]:
     return {"endpoint_url": endpoint, "key": "moto-access-key", "secret": "moto-secret-key"}
 
 
+@dataclass
+class Target:
+    """A registry under test, and the raw filesystem under it (to tamper the way a bug or an attacker would)."""
+
+    registry: Registry
+    fs: fsspec.AbstractFileSystem
+    root: str
+    """The registry's root as a path of `fs`."""
+    credentials: list[str] = field(default_factory=list)
+
+
 @pytest.fixture(params=["seaweedfs", "moto", "file"])
-def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
-    """A fresh, empty registry on each backend; the S3 servers start only when a test needs them."""
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
+    """A fresh, empty registry on each backend; the S3 servers start only when a test needs one."""
+    if request.param == "file":
+        root = str(tmp_path / "registry")
+        return Target(Registry(f"file://{root}"), fsspec.filesystem("file", auto_mkdir=True), root)
     if request.param == "seaweedfs":
         info: StoreInfo = request.getfixturevalue("s3_store")
-        return Registry(request.getfixturevalue("registry_url"), info.storage_options())
-    if request.param == "moto":
-        endpoint = request.getfixturevalue("moto_server")
-        return Registry(f"s3://{MOTO_BUCKET}/test-{uuid.uuid4().hex[:12]}", moto_options(endpoint))
-    return Registry(f"file://{tmp_path / 'registry'}")
+        url, options = request.getfixturevalue("registry_url"), info.storage_options()
+    else:
+        url = f"s3://{MOTO_BUCKET}/test-{uuid.uuid4().hex[:12]}"
+        options = moto_options(request.getfixturevalue("moto_server"))
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False, **options)
+    credentials = [options["key"], options["secret"]]
+    return Target(Registry(url, options), fs, url.removeprefix("s3://"), credentials)

@@ -1,0 +1,390 @@
+"""The adapter registry against a real SeaweedFS, moto (strict AWS rules) and file://, on loopback only."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from infra.registry import (
+    NAME_PATTERN,
+    ConflictError,
+    IntegrityError,
+    Registry,
+    RegistryError,
+    validate_name,
+)
+from infra.store import StoreInfo
+from tests.s3_fixtures import MOTO_BUCKET, Target, moto_options
+
+WEIGHTS = "adapter_model.safetensors"
+METADATA = {
+    "base_model": {"id": "tests/tiny-llama", "revision": "r0", "weights_sha256": "0" * 64},
+    "config_sha256": "1" * 64,
+    "data": {"train_sha256": "2" * 64},
+    "metrics": {"eval_loss": 1.25},
+    "loramill_version": "0.1.0",
+    "git_commit": "abc123",
+}
+
+
+@dataclass(frozen=True)
+class TinyAdapter:
+    path: Path
+    config: LlamaConfig
+    base_state: dict[str, torch.Tensor]
+    input_ids: torch.Tensor
+    logits: torch.Tensor
+
+    def load(self, folder: Path) -> torch.Tensor:
+        """Logits of the base model with the adapter in `folder` applied."""
+        base = LlamaForCausalLM(self.config)
+        base.load_state_dict(self.base_state)
+        model = PeftModel.from_pretrained(base, folder).eval()
+        with torch.no_grad():
+            return model(input_ids=self.input_ids).logits
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory: pytest.TempPathFactory) -> TinyAdapter:
+    """A real PEFT LoRA (r=4) on a tiny random Llama, saved with save_pretrained."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    base = LlamaForCausalLM(config).eval()
+    base_state = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    # init_lora_weights=False: B is random too, so the adapter changes the logits and the check below has teeth.
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, lora).eval()
+    input_ids = torch.randint(0, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+        with model.disable_adapter():
+            assert not torch.allclose(model(input_ids=input_ids).logits, logits)
+    path = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(path)
+    return TinyAdapter(path, config, base_state, input_ids, logits)
+
+
+def raw_path(target: Target, domain: str, rel: str) -> str:
+    return f"{target.root}/{domain}/{rel}"
+
+
+# ------------------------------------------------------------------ publish, list, pull
+
+
+def test_publish_list_pull_roundtrip(target: Target, adapter: TinyAdapter, tmp_path: Path) -> None:
+    reg = target.registry
+    published = reg.publish("medical", adapter.path, METADATA)
+
+    assert (published.version, published.url) == (1, reg.location("medical", 1))
+    assert reg.versions("medical") == [1] and reg.domains() == ["medical"]
+    manifest = reg.manifest("medical", 1)
+    assert manifest.model_dump(by_alias=True)["schema"] == 1
+    assert (manifest.domain, manifest.version, manifest.parent_version) == ("medical", 1, None)
+    assert manifest.metadata == METADATA
+    assert sorted(manifest.files) == sorted(p.name for p in adapter.path.iterdir())
+    for name, entry in manifest.files.items():
+        assert entry.size == (adapter.path / name).stat().st_size
+    assert reg.resolve("medical") == reg.resolve("medical", "latest") == reg.resolve("medical", "v1") == 1
+    [row] = reg.describe()
+    assert (row.domain, row.version, row.aliases, row.metrics) == ("medical", 1, ["latest"], {"eval_loss": 1.25})
+    assert row.size_bytes == sum(p.stat().st_size for p in adapter.path.iterdir())
+
+    dest = reg.pull("medical", None, tmp_path / "pulled")
+    for source in adapter.path.iterdir():
+        assert (dest / source.name).read_bytes() == source.read_bytes()
+    torch.testing.assert_close(adapter.load(dest), adapter.logits)
+
+    second = reg.publish("medical", adapter.path, METADATA)
+    assert (second.version, second.manifest.parent_version) == (2, 1)
+    assert reg.resolve("medical") == 2 and reg.alias("medical", "latest").history[-1]["from"] == 1
+
+
+def test_concurrent_publishes_get_distinct_complete_versions(target: Target, adapter: TinyAdapter) -> None:
+    reg = target.registry
+    start = threading.Barrier(8)
+
+    def publish(i: int) -> int:
+        start.wait()
+        return reg.publish("legal", adapter.path, {"worker": i}).version
+
+    with ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(publish, range(8)))
+
+    assert sorted(versions) == list(range(1, 9))
+    assert reg.versions("legal") == list(range(1, 9))
+    workers = {reg.verify("legal", v).metadata["worker"] for v in versions}
+    assert workers == set(range(8))
+    assert reg.resolve("legal") == 8  # `latest` only ever moves forward
+
+
+def test_concurrent_promotes_exactly_one_wins_and_history_keeps_every_move(
+    target: Target, adapter: TinyAdapter
+) -> None:
+    reg = target.registry
+    for _ in range(3):
+        reg.publish("support", adapter.path, {})
+
+    def race(expected: int | None | str, versions: list[int]) -> tuple[list[int], int]:
+        start = threading.Barrier(len(versions))
+
+        def promote(version: int) -> int | None:
+            start.wait()
+            try:
+                reg.promote("support", version, "prod", expected=expected, record={"by": f"worker-{version}"})
+            except ConflictError:
+                return None
+            return version
+
+        with ThreadPoolExecutor(len(versions)) as pool:
+            results = list(pool.map(promote, versions))
+        winners = [v for v in results if v is not None]
+        return winners, len(results) - len(winners)
+
+    winners, conflicts = race(None, [1, 2, 3, 1, 2, 3])
+    assert (len(winners), conflicts) == (1, 5)
+    assert reg.alias("support", "prod").version == winners[0]
+
+    previous = winners[0]
+    winners, conflicts = race(previous, [v for v in (1, 2, 3) if v != previous] * 3)
+    assert (len(winners), conflicts) == (1, 5)
+
+    # SeaweedFS answers contended conditional PUTs on one key in 1 s steps (a server-side lock that waiters
+    # poll each second): four writers keep this round near 2 s.
+    winners, conflicts = race("any", [1, 2, 3, 1])
+    assert (len(winners), conflicts) == (4, 0)
+
+    state = reg.alias("support", "prod")
+    assert len(state.history) == state.generation == 6
+    assert state.history[0]["from"] is None
+    for before, after in zip(state.history, state.history[1:], strict=False):
+        assert after["from"] == before["to"]  # a chain: no move was lost or overwritten
+    assert state.version == state.history[-1]["to"]
+    with pytest.raises(ConflictError, match="points at"):
+        reg.promote("support", 1, "prod", expected=state.version + 1 if state.version < 3 else 1)
+
+
+# ------------------------------------------------------------------ tampering
+
+
+def test_flipped_byte_in_weights_is_refused(target: Target, adapter: TinyAdapter, tmp_path: Path) -> None:
+    target.registry.publish("medical", adapter.path, {})
+    path = raw_path(target, "medical", f"v1/{WEIGHTS}")
+    data = bytearray(target.fs.cat_file(path))
+    data[len(data) // 2] ^= 0xFF
+    target.fs.pipe_file(path, bytes(data))
+
+    with pytest.raises(IntegrityError, match=WEIGHTS):
+        target.registry.pull("medical", 1, tmp_path / "pulled")
+    assert not (tmp_path / "pulled").exists()
+    assert [p for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+    with pytest.raises(IntegrityError, match=WEIGHTS):
+        target.registry.verify("medical", 1)
+
+
+def test_pickle_in_version_folder_is_refused(target: Target, adapter: TinyAdapter, tmp_path: Path) -> None:
+    target.registry.publish("medical", adapter.path, {})
+    target.fs.pipe_file(raw_path(target, "medical", "v1/pytorch_model.bin"), b"\x80\x04 not really a pickle")
+
+    with pytest.raises(IntegrityError, match=r"pytorch_model\.bin.*pickle"):
+        target.registry.pull("medical", 1, tmp_path / "pulled")
+    assert not (tmp_path / "pulled").exists()
+
+
+def test_manifest_pointing_at_another_files_hash_is_refused(
+    target: Target, adapter: TinyAdapter, tmp_path: Path
+) -> None:
+    target.registry.publish("medical", adapter.path, {})
+    path = raw_path(target, "medical", "v1/manifest.json")
+    manifest = json.loads(target.fs.cat_file(path))
+    manifest["files"][WEIGHTS]["sha256"] = manifest["files"]["adapter_config.json"]["sha256"]
+    target.fs.pipe_file(path, json.dumps(manifest).encode())
+
+    with pytest.raises(IntegrityError, match=WEIGHTS):
+        target.registry.pull("medical", 1, tmp_path / "pulled")
+
+
+def test_version_without_manifest_is_invisible_and_collected(target: Target, adapter: TinyAdapter) -> None:
+    reg = target.registry
+    reg.publish("medical", adapter.path, {})
+    # An upload that died before its manifest: a claim and one file.
+    target.fs.pipe_file(raw_path(target, "medical", "v2/.claim"), b'{"claimed_at": "2026-01-01T00:00:00+00:00"}')
+    target.fs.pipe_file(raw_path(target, "medical", f"v2/{WEIGHTS}"), b"partial")
+
+    assert reg.versions("medical") == [1] and reg.resolve("medical") == 1
+    with pytest.raises(RegistryError, match="no complete version v2"):
+        reg.resolve("medical", "v2")
+    assert reg.gc(grace_s=3600) == []
+    assert reg.gc("medical", grace_s=0) == [reg.location("medical", 2)]
+    assert not [p for p in target.fs.find(f"{target.root}/medical") if "/v2/" in p]
+    assert reg.versions("medical") == [1]
+    assert reg.publish("medical", adapter.path, {}).version == 2  # nothing of the abandoned v2 is left
+
+
+def test_pull_into_existing_dest_is_refused(target: Target, adapter: TinyAdapter, tmp_path: Path) -> None:
+    target.registry.publish("medical", adapter.path, {})
+    dest = tmp_path / "out" / "dest"
+    dest.mkdir(parents=True)
+    (dest / "keep.txt").write_text("mine")
+
+    with pytest.raises(RegistryError, match="already exists"):
+        target.registry.pull("medical", "latest", dest)
+    assert [p.name for p in dest.iterdir()] == ["keep.txt"] and (dest / "keep.txt").read_text() == "mine"
+    assert [p.name for p in dest.parent.iterdir()] == ["dest"]  # no staging folder left behind
+
+
+def test_no_credential_reaches_the_store(target: Target, adapter: TinyAdapter) -> None:
+    if not target.credentials:
+        pytest.skip("file:// registries have no credentials")
+    reg = target.registry
+    reg.publish("medical", adapter.path, METADATA)
+    reg.promote("medical", 1, "prod", record={"by": "ci", "forced": False, "gate": {"eval_loss": 1.25}})
+    with reg.lock("medical", "schedule", ttl_s=60):
+        stored = {path: target.fs.cat_file(path) for path in target.fs.find(target.root)}
+    assert any(path.endswith("/locks/schedule.json") for path in stored)
+    for credential in target.credentials:
+        assert not [path for path, data in stored.items() if credential.encode() in data]
+
+    with pytest.raises(RegistryError, match="credential") as caught:
+        reg.publish("medical", adapter.path, {"note": f"secret={target.credentials[1]}"})
+    assert target.credentials[1] not in str(caught.value)
+
+
+def test_lock_excludes_until_released_or_expired(target: Target) -> None:
+    reg = target.registry
+    with reg.lock("medical", "schedule", ttl_s=60):
+        with pytest.raises(ConflictError, match="held by"):
+            with reg.lock("medical", "schedule", ttl_s=60):
+                pass
+    with reg.lock("medical", "schedule", ttl_s=60):  # released: free again
+        pass
+
+    with reg.lock("medical", "nightly", ttl_s=0.2):
+        time.sleep(0.3)
+        with reg.lock("medical", "nightly", ttl_s=60):  # expired: taken over
+            pass
+
+
+# ------------------------------------------------------------------ names, URLs and errors
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "Upper", "", "-lead", "x" * 65, "a.b"])
+def test_bad_names_are_refused_with_the_fix(bad: str, tmp_path: Path, adapter: TinyAdapter) -> None:
+    reg = Registry(f"file://{tmp_path}/registry")
+    message = f"domain name {bad!r} is invalid: use 1-64 lowercase letters, digits, '-' or '_'"
+    with pytest.raises(RegistryError) as caught:
+        reg.publish(bad, adapter.path, {})
+    assert message in str(caught.value)
+    with pytest.raises(RegistryError, match="alias name"):
+        reg.promote("medical", 1, bad)
+    assert not (tmp_path / "registry").exists()
+
+
+def test_alias_that_looks_like_a_version_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="looks like a version number"):
+        Registry(f"file://{tmp_path}").promote("medical", 1, "v3")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("s3://Bad_Bucket/x", "bucket name 'Bad_Bucket'"),
+        ("s3://ab/x", "bucket name 'ab'"),
+        ("s3://bucket/../x", "path part '..'"),
+        ("file://relative/x", "must be absolute"),
+        ("file:relative/x", "must be absolute"),
+        ("http://127.0.0.1/x", "not supported"),
+    ],
+)
+def test_bad_urls_are_refused(url: str, problem: str) -> None:
+    with pytest.raises(RegistryError, match=problem.replace(".", r"\.")):
+        Registry(url)
+
+
+def test_refused_file_types_at_publish(tmp_path: Path, adapter: TinyAdapter) -> None:
+    reg = Registry(f"file://{tmp_path}/registry")
+    folder = tmp_path / "with-pickle"
+    folder.mkdir()
+    for source in adapter.path.iterdir():
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(RegistryError, match=r"pytorch_model\.bin .*pickle"):
+        reg.publish("medical", folder, {})
+    (folder / "pytorch_model.bin").unlink()
+    (folder / WEIGHTS).unlink()
+    with pytest.raises(RegistryError, match=WEIGHTS):
+        reg.publish("medical", folder, {})
+    with pytest.raises(RegistryError, match="reserved"):
+        reg.publish("medical", adapter.path, {"version": 7})
+
+
+def test_wrong_secret_is_a_credentials_error(s3_store: StoreInfo, registry_url: str) -> None:
+    options = s3_store.storage_options() | {"secret": "wrong-" + s3_store.secret[6:]}
+    with pytest.raises(RegistryError, match="refused the credentials") as caught:
+        Registry(registry_url, options).versions("medical")
+    assert s3_store.secret not in str(caught.value) and options["secret"] not in str(caught.value)
+    assert s3_store.secret not in repr(Registry(registry_url, s3_store.storage_options()))
+
+
+def test_unreachable_endpoint_fails_after_bounded_retries() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k" * 16, "secret": "s" * 32}
+    reg = Registry("s3://loramill/x", options, retries=3, backoff_s=0.01)
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match=r"cannot reach the object store .* after 3 tries"):
+        reg.versions("medical")
+    assert time.monotonic() - started < 5
+
+
+def test_missing_bucket_has_its_own_message(moto_server: str) -> None:
+    with pytest.raises(RegistryError, match="bucket 'no-such-bucket' does not exist"):
+        Registry("s3://no-such-bucket/x", moto_options(moto_server)).versions("medical")
+    assert Registry(f"s3://{MOTO_BUCKET}/empty", moto_options(moto_server)).versions("medical") == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=70), st.from_regex(r"[a-zA-Z0-9._/-]{0,70}", fullmatch=True)))
+def test_accepted_names_are_safe(name: str) -> None:
+    try:
+        validate_name(name)
+    except RegistryError:
+        return
+    assert "/" not in name and ".." not in name and 1 <= len(name) <= 64
+    assert re.fullmatch(NAME_PATTERN, name)
+
+
+# Built once: constructing a Registry contacts nothing, and hypothesis calls the test hundreds of times.
+_KEY_REGISTRIES = (Registry("s3://loramill/team/adapters"), Registry("file:///srv/registry"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    domain=st.from_regex(NAME_PATTERN, fullmatch=True).filter(lambda s: len(s) <= 64),
+    version=st.integers(1, 10**6),
+)
+def test_computed_keys_stay_under_the_prefix(domain: str, version: int) -> None:
+    for reg in _KEY_REGISTRIES:
+        assert reg.location(domain).startswith(reg.url + "/")
+        assert reg.location(domain, version).startswith(reg.url + "/")
