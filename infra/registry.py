@@ -179,7 +179,7 @@ def validate_name(value: str, kind: str = "domain") -> str:
     Valid: 1-64 characters, lowercase letters, digits, '-' or '_', starting with a letter or digit. Such a
     name cannot hold '/', '.' or '..', so keys built from it stay under the registry prefix.
     """
-    if not isinstance(value, str) or not _NAME_RE.match(value) or len(value) > MAX_NAME_LENGTH:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or len(value) > MAX_NAME_LENGTH:
         raise RegistryError(
             f"{kind} name {value!r} is invalid: use 1-{MAX_NAME_LENGTH} lowercase letters, digits, '-' or '_', "
             f"starting with a letter or digit"
@@ -428,8 +428,11 @@ class Registry:
     def gc(self, domain: str | None = None, *, grace_s: float = 3600.0) -> list[str]:
         """Delete abandoned uploads: version folders without a manifest where nothing was written for `grace_s`.
 
-        Returns the URLs of the removed folders. Complete versions are never touched. The grace period protects
-        uploads still in progress; keep it well above the longest publish.
+        Also aborts multipart uploads below the domain started more than `grace_s` ago: a publisher killed inside
+        one leaves its parts on the server, invisible to listings, even when its retry then completed the version.
+        Returns the URLs of the removed folders, then of the files whose unfinished uploads were aborted. Complete
+        versions are never touched. The grace period protects uploads still in progress; keep it well above the
+        longest publish.
         """
         removed = []
         for name in [validate_name(domain)] if domain is not None else self._all_domain_names():
@@ -446,6 +449,9 @@ class Registry:
                 paths = [self._path(name, rel) for rel in objects]
                 self._call(f"removing abandoned {name} v{version}", lambda: self._backend.delete(paths))
                 removed.append(self.location(name, version))
+            aborted = self._call(f"aborting unfinished uploads of {name}",
+                                 lambda: self._backend.abort_uploads(self._path(name), now - grace_s))
+            removed += [self._url(path) for path in aborted]
         return removed
 
     @contextlib.contextmanager
@@ -756,6 +762,11 @@ class _Backend(Protocol):
 
     def delete(self, paths: list[str]) -> None: ...
 
+    def abort_uploads(self, path: str, started_before: float) -> list[str]:
+        """Abort unfinished multipart uploads below `path` started before `started_before` (epoch seconds);
+        return their paths."""
+        ...
+
 
 class _S3Backend:
     scheme = "s3"
@@ -853,6 +864,16 @@ class _S3Backend:
     def delete(self, paths: list[str]) -> None:
         self.fs.rm(paths)
 
+    def abort_uploads(self, path: str, started_before: float) -> list[str]:
+        bucket, _, prefix = path.partition("/")
+        answer = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/")
+        aborted = []
+        for upload in answer.get("Uploads", []):
+            if upload["Initiated"].timestamp() < started_before:
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted.append(f"{bucket}/{upload['Key']}")
+        return aborted
+
 
 class _LocalBackend:
     """file:// registries. Temporary files and flock files live in `<root>/.tmp` and `<root>/.locks`, outside
@@ -928,6 +949,9 @@ class _LocalBackend:
         for directory in sorted({Path(p).parent for p in paths}, key=lambda d: len(d.parts), reverse=True):
             with contextlib.suppress(OSError):
                 directory.rmdir()
+
+    def abort_uploads(self, path: str, started_before: float) -> list[str]:
+        return []  # files are written whole to .tmp and linked into place: there are no partial uploads
 
     def _link_new(self, target: Path, fill: Callable[[Path], object]) -> bool:
         """Create `target` atomically with its full content: write a temp file, then hard-link it into place.

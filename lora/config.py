@@ -30,6 +30,14 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul_bytes(cls, value: Any) -> Any:
+        # Paths, URLs and names go to open(), S3 keys and Ray: a NUL byte is never meant, and crashes them.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("contains a NUL byte (\\x00); remove it")
+        return value
+
 
 class ModelSource(Section):
     id: str = "builtin:smollm2-135m-instruct"
@@ -166,7 +174,17 @@ class Domain(Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """fsspec options for the data URLs."""
     schedule: str | None = None
-    """Cron expression for scheduled retraining (e.g. ``0 3 * * 1``); None: on demand only."""
+    """Cron expression for scheduled retraining (e.g. ``0 3 * * 1``), read in UTC; None: on demand only."""
+    resources_per_worker: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    """Extra Ray resources each of this domain's workers asks for, on top of ``cluster.cpus_per_worker`` and the
+    GPU: a custom resource that only some node types declare (e.g. ``{gpu_a10: 1}``) pins the domain to them."""
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
+        if {"CPU", "GPU"} & set(value):
+            raise ValueError("CPU and GPU are set by cluster.cpus_per_worker and cluster.use_gpu; remove them here")
+        return value
 
     @field_validator("schedule")
     @classmethod
@@ -178,6 +196,58 @@ class Domain(Section):
         return value
 
 
+class TuneSettings(Section):
+    """``loramill tune``: one sweep per domain over LoRA rank, alpha and learning rate (optionally dropout and
+    target modules), with ASHA stopping weak trials early. A trial is one training run with the ``train`` and
+    ``cluster`` settings (so the same resources as a run), its ``lora`` values and learning rate replaced."""
+
+    search: Literal["random", "grid", "optuna"] = "random"
+    """``random``: sample every choice and the learning-rate range. ``grid``: every combination of the choices once
+    (a learning-rate range is sampled per combination; list ``learning_rates`` to grid them). ``optuna``: Optuna's
+    TPE sampler picks each trial from the results so far."""
+    num_trials: int = Field(8, gt=0)
+    """Trials per domain for ``random`` and ``optuna`` (``grid`` runs each combination once, whatever this says)."""
+    ranks: list[Annotated[int, Field(gt=0, le=1024)]] = [4, 8, 16]
+    """LoRA ranks to try."""
+    alphas: list[Annotated[float, Field(gt=0)]] = [1.0, 2.0]
+    """Alphas to try: multiples of the trial's rank when ``alpha_per_rank`` (alpha = value x r, so the update scale
+    alpha/r is the value), else absolute values."""
+    alpha_per_rank: bool = True
+    """Read ``alphas`` as ratios to the rank (true) or as absolute alphas (false)."""
+    lr_min: float = Field(1e-4, gt=0, lt=1)
+    """Lower bound of the learning rate, sampled log-uniformly between ``lr_min`` and ``lr_max``."""
+    lr_max: float = Field(3e-3, gt=0, lt=1)
+    """Upper bound of the learning rate."""
+    learning_rates: list[Annotated[float, Field(gt=0, lt=1)]] | None = None
+    """Learning-rate choices; when set they are tried instead of sampling the ``lr_min``..``lr_max`` range."""
+    dropouts: list[Annotated[float, Field(ge=0, lt=1)]] | None = None
+    """LoRA dropout choices; None keeps ``lora.dropout``."""
+    target_module_sets: list[Literal["all-linear"] | list[Annotated[str, Field(min_length=1)]]] | None = None
+    """Target-module choices, e.g. ``[all-linear, [q_proj, v_proj]]``; None keeps ``lora.target_modules``."""
+    grace_evals: int = Field(1, gt=0)
+    """Evaluations (one every ``train.eval_every`` steps) every trial makes before ASHA may stop it."""
+    reduction_factor: float = Field(2.0, gt=1)
+    """ASHA keeps the best 1/reduction_factor of the trials at each rung (grace_evals x factor^k evaluations)."""
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    """Cap on trials running at once per domain. None: as many as the cluster's CPUs/GPUs hold at once."""
+
+    @field_validator("ranks", "alphas", "learning_rates", "dropouts", "target_module_sets")
+    @classmethod
+    def _choices_non_empty(cls, choices: list[Any] | None) -> list[Any] | None:
+        if choices is not None and not choices:
+            raise ValueError("empty list: give at least one choice (or remove the key where it is optional)")
+        if choices is not None and any(isinstance(c, list) and not c for c in choices):
+            raise ValueError("an empty module list: name modules such as [q_proj, v_proj] or use 'all-linear'")
+        return choices
+
+    @model_validator(mode="after")
+    def _lr_range_in_order(self) -> TuneSettings:
+        if self.lr_min >= self.lr_max:
+            raise ValueError(f"lr_min ({self.lr_min:g}) must be below lr_max ({self.lr_max:g}); swap them, or for "
+                             "a fixed learning rate use learning_rates: [x]")
+        return self
+
+
 class Config(Section):
     model: ModelSource = Field(default_factory=ModelSource)
     quant: Quantization = Field(default_factory=Quantization)
@@ -185,6 +255,7 @@ class Config(Section):
     train: Training = Field(default_factory=Training)
     cluster: Cluster = Field(default_factory=Cluster)
     publish: Publish = Field(default_factory=Publish)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
     domains: list[Domain] = Field(min_length=1)
 
     @field_validator("domains")
@@ -245,11 +316,12 @@ def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
     """Make relative local paths absolute against the config file's folder, so Ray workers (other cwd) agree."""
 
     def absolute(value: Any) -> Any:
-        if isinstance(value, str) and is_local_path(value) and not Path(value).expanduser().is_absolute():
+        if isinstance(value, str) and "\x00" not in value and is_local_path(value) \
+                and not Path(value).expanduser().is_absolute():  # a NUL byte is refused by validation instead
             return str((base_dir / value).resolve())
         return value
 
-    for domain in raw.get("domains") or []:
+    for domain in raw["domains"] if isinstance(raw.get("domains"), list) else []:  # else validation says why
         if isinstance(domain, dict):
             for key in ("train", "eval"):
                 domain[key] = absolute(domain.get(key))
@@ -287,7 +359,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             node = node.setdefault(key, {})
         if not isinstance(node, dict | list):
             raise ConfigError([f"{'.'.join(keys[: i + 1])}: is a value, not a section; cannot set {path}"])
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError([f"{path}: value {text!r} is not valid YAML ({problem}); quote it or fix it"]) from None
     last = keys[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):

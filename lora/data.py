@@ -58,13 +58,15 @@ def read_jsonl(url: str, storage_options: dict[str, Any], digest: Any) -> Iterat
     """Yield ``(line_number, record)``; update ``digest`` with every byte read. Raises ``DataError``."""
     import fsspec
 
+    shown = redact_url(url)  # messages reach terminals and logs: never a user:password@ part
+
     try:
         with fsspec.open(url, "rb", **storage_options) as f:
-            for line_number, raw in enumerate(f, start=1):
+            for line_number, (raw, length) in enumerate(_lines(f, MAX_LINE_BYTES), start=1):
                 digest.update(raw)
-                if len(raw) > MAX_LINE_BYTES:
+                if length > MAX_LINE_BYTES:
                     raise DataError(
-                        f"{url}:{line_number}: line is {len(raw):,} bytes (limit {MAX_LINE_BYTES:,}); "
+                        f"{shown}:{line_number}: line is {length:,} bytes (limit {MAX_LINE_BYTES:,}); "
                         "split or shorten the example"
                     )
                 if not raw.strip():
@@ -72,20 +74,48 @@ def read_jsonl(url: str, storage_options: dict[str, Any], digest: Any) -> Iterat
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{url}:{line_number}: not valid UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
+                    raise DataError(f"{shown}:{line_number}: not valid UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
                 try:
                     record = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{url}:{line_number}: malformed JSON ({e.msg} at column {e.colno})") from None
+                    raise DataError(f"{shown}:{line_number}: malformed JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(record, dict):
-                    raise DataError(f"{url}:{line_number}: expected a JSON object, got {type(record).__name__}")
+                    raise DataError(f"{shown}:{line_number}: expected a JSON object, got {type(record).__name__}")
                 yield line_number, record
     except FileNotFoundError:
-        raise DataError(f"{url}: data file not found; check the domain's train/eval path") from None
+        raise DataError(f"{shown}: data file not found; check the domain's train/eval path") from None
     except PermissionError:
-        raise DataError(f"{url}: data file is not readable (permission denied)") from None
+        raise DataError(f"{shown}: data file is not readable (permission denied)") from None
     except IsADirectoryError:
-        raise DataError(f"{url}: is a folder; point train/eval at a .jsonl file") from None
+        raise DataError(f"{shown}: is a folder; point train/eval at a .jsonl file") from None
+    except DataError:
+        raise
+    except Exception as e:  # unreachable server, unknown protocol, refused credentials: bad input, not a crash
+        raise DataError(
+            f"{shown}: cannot read the data ({type(e).__name__}: {_scrub(str(e), url)}); check the URL, "
+            "that its server is up, and the domain's storage_options"
+        ) from None
+
+
+def _lines(f: Any, limit: int) -> Iterator[tuple[bytes, int]]:
+    """``(line, its length in bytes)`` for each line of the binary file ``f``, holding at most ``limit`` bytes of a
+    line (plus one 64 KiB read): a longer line is counted to its end and yielded as ``b""``, for the caller to
+    refuse by its length. Iterating ``f`` itself would read a hostile file without newlines into memory whole."""
+    pending, overlong = b"", 0
+    while chunk := f.read(1 << 16):
+        start = 0
+        while (end := chunk.find(b"\n", start)) != -1:
+            piece, start = chunk[start : end + 1], end + 1
+            length = overlong + len(pending) + len(piece)
+            yield (pending + piece if length <= limit else b""), length
+            pending, overlong = b"", 0
+        rest = chunk[start:]
+        if overlong or len(pending) + len(rest) > limit:
+            overlong, pending = overlong + len(pending) + len(rest), b""
+        else:
+            pending += rest
+    if overlong or pending:
+        yield pending, overlong + len(pending)
 
 
 def to_messages(record: dict[str, Any], where: str) -> tuple[str, list[dict[str, str]]]:
@@ -136,10 +166,10 @@ def check_file(url: str, storage_options: dict[str, Any]) -> int:
     """
     count = 0
     for line_number, record in read_jsonl(url, storage_options, hashlib.sha256()):
-        to_messages(record, f"{url}:{line_number}")
+        to_messages(record, f"{redact_url(url)}:{line_number}")
         count += 1
     if count == 0:
-        raise DataError(f"{url}: empty dataset (no examples); add JSONL lines or fix the path")
+        raise DataError(f"{redact_url(url)}: empty dataset (no examples); add JSONL lines or fix the path")
     return count
 
 
@@ -176,7 +206,7 @@ def load_examples(
     examples = []
     for line_number, record in read_jsonl(url, storage_options, digest):
         stats.examples_read += 1
-        fmt, messages = to_messages(record, f"{url}:{line_number}")
+        fmt, messages = to_messages(record, f"{redact_url(url)}:{line_number}")
         stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
         example = tokenize_messages(messages, tokenizer)
         if len(example.input_ids) > max_seq_len:
@@ -194,10 +224,10 @@ def load_examples(
     stats.sha256 = digest.hexdigest()
     stats.examples_kept = len(examples)
     if stats.examples_read == 0:
-        raise DataError(f"{url}: empty dataset (no examples); add JSONL lines or fix the path")
+        raise DataError(f"{redact_url(url)}: empty dataset (no examples); add JSONL lines or fix the path")
     if not examples:
         raise DataError(
-            f"{url}: all {stats.examples_read} examples are longer than train.max_seq_len={max_seq_len}; "
+            f"{stats.url}: all {stats.examples_read} examples are longer than train.max_seq_len={max_seq_len}; "
             "raise max_seq_len or set train.overlong=truncate"
         )
     return examples, stats
@@ -206,9 +236,19 @@ def load_examples(
 def redact_url(url: str) -> str:
     """The URL without any ``user:password@`` part: data sources are published, credentials never are."""
     scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        rest = rest.split("@", 1)[1]
+    netloc, slash, path = rest.partition("/")
+    if sep and "@" in netloc:
+        # The host follows the last '@' (as urllib reads it): a password may hold '@' itself.
+        rest = netloc.rpartition("@")[2] + slash + path
     return f"{scheme}{sep}{rest}"
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` (an error from fsspec or a server) with the ``user:password`` part of ``url`` masked."""
+    netloc = url.partition("://")[2].partition("/")[0]
+    userinfo = netloc.rpartition("@")[0]
+    text = text.replace(url, redact_url(url))
+    return text.replace(userinfo, "***") if userinfo else text
 
 
 def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -38,6 +38,9 @@ class TrainState:
     """One entry per report: step, train_loss, and eval_loss/eval_perplexity when evaluated."""
     base_eval_loss: float | None = None
     """Held-out loss of the base model (adapter disabled), measured once before the first step."""
+    resumed_from_step: list[int] = field(default_factory=list)
+    """The step each restart continued from (one entry per resume from a checkpoint): the steps redone after a
+    failure are the ones between that step and where the failed attempt was."""
 
 
 @dataclass

@@ -58,7 +58,12 @@ def exits_2_on_bad_input(command: Callable) -> Callable:
 def validate(config: ConfigArg, overrides: Overrides = None) -> None:
     """Print the resolved config, or list every error with its dotted path (exit 2)."""
     cfg = load_config(config, overrides or [])
-    typer.echo(yaml.safe_dump(cfg.model_dump(), sort_keys=False), nl=False)
+    shown = cfg.model_dump()
+    # storage_options may hold credentials, and this output lands in terminals and CI logs: mask their values.
+    for options in [shown["cluster"]["storage_options"], shown["publish"]["storage_options"],
+                    *(domain["storage_options"] for domain in shown["domains"])]:
+        options.update({key: "***" for key in options if key != "endpoint_url"})
+    typer.echo(yaml.safe_dump(shown, sort_keys=False), nl=False)
 
 
 @app.command(name="config-reference", hidden=True)
@@ -71,13 +76,62 @@ def config_reference() -> None:
 
 @app.command(name="train")
 @exits_2_on_bad_input
-def train_command(config: ConfigArg, overrides: Overrides = None, domain: DomainOpt = None) -> None:
+def train_command(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    domain: DomainOpt = None,
+    from_tune: Annotated[bool, typer.Option("--from-tune", help="Use each domain's best `loramill tune` trial "
+                                            "(LoRA r, alpha, dropout, targets, learning rate)")] = False,
+) -> None:
     """Train one LoRA adapter per domain on Ray Train; resumes a run with the same config."""
-    from pipelines import train
+    from pipelines import train, tune
 
     cfg = load_config(config, overrides or [])
-    results = train.run(cfg, domain)
+    tuned = {d.name: tune.best_config(cfg, d.name) for d in train.select_domains(cfg, domain)} if from_tune else None
+    results = train.run(cfg, domain, tuned)
     console.print(training_table(results))
+
+
+@app.command(name="tune")
+@exits_2_on_bad_input
+def tune_command(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    domain: DomainOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the sweep with this config; finished "
+                                         "trials are kept")] = False,
+) -> None:
+    """Search LoRA rank, alpha and learning rate per domain with Ray Tune (ASHA stops weak trials early)."""
+    from pipelines import tune
+
+    cfg = load_config(config, overrides or [])
+    for sweep in tune.run(cfg, domain, resume):
+        console.print(tune_table(sweep))
+        folder = _short_path(tune.tune_dir(cfg, sweep.domain))
+        console.print(f"best: trial {sweep.best} → {folder}/best.json (`loramill train --from-tune` uses it); "
+                      f"plot {folder}/tune.png")
+
+
+def tune_table(sweep) -> Table:
+    """One row per trial, best first; the swept dropout and target columns only when they vary."""
+    trials = sorted(sweep.trials, key=lambda t: (t.eval_loss is None, t.eval_loss or 0.0, t.trial_id))
+    varies = {key for key in ("dropout", "target_modules") if len({str(getattr(t, key)) for t in trials}) > 1}
+    table = Table(title=f"loramill tune: {sweep.domain} ({sweep.search}, {len(trials)} trials, "
+                        f"{sweep.concurrency} at once, {sweep.planned_steps} steps each)", title_justify="left")
+    columns = ["trial", "rank", "alpha", "lr", *sorted(varies), "eval loss", "steps run", "stopped early?",
+               "train s / trial s"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("trial", "target_modules", "stopped early?") else "right")
+    for t in trials:
+        best = t.trial_id == sweep.best
+        loss = "error" if t.status == "error" else f"{t.eval_loss:.4f}"
+        row = [("★ " if best else "") + t.trial_id, str(t.r), f"{t.alpha:g}", f"{t.learning_rate:.2e}",
+               *[str(getattr(t, key)) for key in sorted(varies)],
+               f"[green]{loss}[/]" if best else loss, f"{t.steps}/{sweep.planned_steps}",
+               {"stopped": "yes (ASHA)", "finished": "no", "error": f"[red]{t.error}[/]"}[t.status],
+               f"{t.train_seconds:.1f} / " + ("-" if t.trial_seconds is None else f"{t.trial_seconds:.1f}")]
+        table.add_row(*row)
+    return table
 
 
 @app.command()
@@ -189,6 +243,63 @@ def gc(
     console.print(f"removed {len(removed)} abandoned upload(s)" + "".join(f"\n  {url}" for url in removed))
 
 
+@app.command(name="generate")
+@exits_2_on_bad_input
+def generate_command(
+    refs: Annotated[list[str], typer.Argument(help="DOMAIN, DOMAIN@vN or DOMAIN@alias; several share one base")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="One prompt")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", exists=True, dir_okay=False,
+                                                 help="A file with one prompt per line")] = None,
+    compare: Annotated[bool, typer.Option(help="Also print the base model's answer")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 128,
+    config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml"),
+    cache_dir: Annotated[Path | None, typer.Option(help="Verified adapter cache [default: ~/.cache/loramill/adapters]")]
+    = None,
+) -> None:
+    """Answer prompts with published adapters (pulled verified, cached), on the base they were trained on."""
+    from pipelines import use
+
+    if (prompt is None) == (prompts is None):
+        raise typer.BadParameter("pass either --prompt TEXT or --prompts FILE")
+    lines = [prompt] if prompt is not None else prompts.read_text().splitlines()
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise typer.BadParameter("no prompt given (the file holds one prompt per line)")
+    answers = use.generate(load_config(config), [_split_ref(ref) for ref in refs], texts,
+                           compare=compare, max_new_tokens=max_new_tokens, cache_root=cache_dir)
+    console.print(use.answers_table(answers))
+
+
+@app.command(name="export")
+@exits_2_on_bad_input
+def export_command(
+    ref: Annotated[str, typer.Argument(help="DOMAIN@vN or DOMAIN@alias (default: latest)")],
+    to: Annotated[Path, typer.Option("--to", help="New folder to write (must not exist)")],
+    merge: Annotated[bool, typer.Option("--merge", help="Merge the adapter into a 16/32-bit copy of the base")] = False,
+    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")]
+    = "auto",
+    config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml"),
+    cache_dir: Annotated[Path | None, typer.Option(help="Verified adapter cache [default: ~/.cache/loramill/adapters]")]
+    = None,
+) -> None:
+    """Write a merged full model (safetensors + config + tokenizer + manifest.json) for adapter-less serving."""
+    import torch
+
+    from pipelines import use
+
+    if not merge:
+        raise typer.BadParameter("only merged exports exist: pass --merge (`loramill pull` gets the adapter itself)")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    domain, version = _split_ref(ref)
+    result = use.export(load_config(config), domain, version, to, cache_root=cache_dir,
+                        dtype=None if dtype == "auto" else getattr(torch, dtype))
+    adapter = result.manifest["adapter"]
+    console.print(f"exported {adapter['domain']} v{adapter['version']} merged into "
+                  f"{result.manifest['base_model']['id']} → {result.path} (files verified)", markup=False)
+    console.print("\n".join(use.merge_cost_lines(result.manifest)), markup=False, highlight=False)
+
+
 store_app = typer.Typer(help="The embedded S3 server (SeaweedFS on 127.0.0.1).", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 
@@ -233,12 +344,17 @@ def store_status_command(
 
 @app.command(name="run")
 @exits_2_on_bad_input
-def run_command(config: ConfigArg, overrides: Overrides = None, domain: DomainOpt = None) -> None:
-    """The whole chain per domain: train → evaluate → gate → publish with the audit."""
+def run_command(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    domain: DomainOpt = None,
+    tune: Annotated[bool, typer.Option("--tune", help="Sweep first (tune section); train each domain's best")] = False,
+) -> None:
+    """The whole chain per domain: (tune →) train → evaluate → gate → publish with the audit."""
     from pipelines import run as run_stage
 
     cfg = load_config(config, overrides or [])
-    rows = run_stage.run(cfg, domain)
+    rows = run_stage.run(cfg, domain, sweep=tune)
     console.print(training_table([r.training for r in rows]))
     table = Table(title="published", title_justify="left")
     for column in ("domain", "version", "eval loss", "gate", "where"):
@@ -247,6 +363,81 @@ def run_command(config: ConfigArg, overrides: Overrides = None, domain: DomainOp
         table.add_row(r.training.domain, f"v{r.outcome.published.version}", f"{r.training.eval_loss:.4f}",
                       f"{r.outcome.gate['decision']}: {r.outcome.gate['reason']}", r.outcome.published.url)
     console.print(table)
+
+
+@app.command()
+@exits_2_on_bad_input
+def submit(
+    config: Annotated[Path, typer.Argument(help="YAML config inside the uploaded working dir")],
+    overrides: Overrides = None,
+    address: Annotated[str, typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS",
+                                         help="The head's dashboard, e.g. http://127.0.0.1:8265")] = ...,
+    wait: Annotated[bool, typer.Option("--wait", help="Stream the job's logs; exit 1 if it fails")] = False,
+    domain: DomainOpt = None,
+    working_dir: Annotated[Path | None, typer.Option(
+        help="Folder uploaded as the job's working dir [default: this loramill checkout]")] = None,
+) -> None:
+    """Run `loramill run CONFIG` as a Ray job on a running cluster; credentials stay with the cluster."""
+    from pipelines import submit as submit_stage
+
+    def echo(text: str) -> None:
+        typer.echo(text, nl=False)
+
+    try:
+        job = submit_stage.run(config, overrides or [], address=address, domains=domain, wait=wait, echo=echo,
+                               working_dir=working_dir or submit_stage.REPO_ROOT)
+    except ConnectionError as e:
+        errors.print(f"error: {e} Is a Ray head running there (`ray start --head`)?", markup=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        errors.print("stopped following; the job keeps running on the cluster (`ray job stop ID --address ...`)")
+        raise typer.Exit(130) from None
+    console.print(f"job {job.job_id}: {job.status or 'submitted'} — {job.entrypoint}", markup=False)
+    if job.status is None:
+        console.print(f"follow it: ray job logs --follow {job.job_id} --address {address}", markup=False)
+    elif job.status != "SUCCEEDED":
+        errors.print(f"job {job.job_id} {job.status}: {job.message}", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+@exits_2_on_bad_input
+def schedule(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    once: Annotated[bool, typer.Option(
+        "--once", help="One tick over every domain (or --domain), then exit: for system cron or a CronJob")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --once: retrain even if the data is unchanged")] = False,
+    domain: DomainOpt = None,
+    lock_ttl: Annotated[float, typer.Option(
+        "--lock-ttl", min=1, help="Seconds a domain's retrain lock lasts; set above your longest run")] = 6 * 3600.0,
+) -> None:
+    """Retrain domains whose data changed, at their cron times (UTC), inside their latest version's envelope."""
+    import signal
+    from datetime import UTC, datetime
+
+    from pipelines import schedule as schedule_stage
+
+    def echo(line: str) -> None:
+        console.print(f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} {line}", markup=False, highlight=False)
+
+    if force and not once:
+        raise typer.BadParameter("--force applies to one tick: add --once")
+    cfg = load_config(config, overrides or [])
+    if once:
+        for decision in schedule_stage.tick(cfg, domain, force=force, lock_ttl_s=lock_ttl, echo=echo):
+            if decision.published is not None:
+                echo(f"{decision.domain}: published v{decision.published}")
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # `kill` and Kubernetes stop with SIGTERM: leave as cleanly as on Ctrl-C
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        schedule_stage.loop(cfg, domain, lock_ttl_s=lock_ttl, echo=echo)
+    except KeyboardInterrupt:
+        echo("scheduler stopped")
 
 
 def training_table(results) -> Table:

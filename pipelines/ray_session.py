@@ -33,6 +33,3 @@ def ensure_ray(cfg: Config) -> None:
         logging_config=ray.LoggingConfig(log_level="WARNING"),
     )
 
-
-def cluster_gpus() -> float:
-    return ray.cluster_resources().get("GPU", 0.0)

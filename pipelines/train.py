@@ -6,6 +6,7 @@ domains run side by side and Tune can call the same function per trial); ``run``
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import platform
@@ -23,12 +24,12 @@ import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lora.config import Config, ConfigError, Domain
 from lora.data import check_file, load_examples
 from lora.model import (
     Backend,
-    BackendError,
     apply_lora,
     check_bitsandbytes,
     dispatch_backend,
@@ -50,7 +51,7 @@ from lora.train import (
     total_steps,
     train,
 )
-from pipelines.ray_session import cluster_gpus, ensure_ray
+from pipelines.ray_session import ensure_ray
 
 RUN_INFO_FILE = "run_info.json"
 RESULT_FILE = "result.json"
@@ -135,6 +136,7 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
     if checkpoint := session.get_checkpoint():
         with checkpoint.as_directory() as directory:
             state = load_training_state(Path(directory), model, optimizer, scheduler)
+        state.resumed_from_step.append(state.step)
     if world_size > 1:
         device_ids = [backend.device.index] if backend.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -178,8 +180,8 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
         )
     finally:  # also when Tune stops the trial: its report() raises SystemExit in this thread
         _give_back_base_model(base_key, model)
-    if bar:
-        bar.close()
+        if bar:
+            bar.close()
 
 
 # Per-process caches. A Tune actor runs trial after trial (reuse_actors=True), each through train_domain; without
@@ -188,6 +190,8 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
 
 _memos: dict[tuple, Any] = {}
 _idle_base_models: dict[tuple, torch.nn.Module] = {}
+_as_loaded: dict[tuple, dict[str, Any]] = {}
+"""The 4-bit weights of the base model under each key, as loaded (CPU only; see ``_give_back_base_model``)."""
 
 
 def _memo(key: tuple, load: Callable[[], Any]) -> Any:
@@ -201,7 +205,8 @@ def _tokenized(url: str, domain: Domain, tokenizer: Any, cfg: Config):
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url, **domain.storage_options)
-    key = ("examples", url, fs.ukey(path), id(tokenizer), cfg.train.max_seq_len, cfg.train.overlong)  # tokenizers are memoized: one object each
+    # id(tokenizer) is stable: tokenizers are memoized too, one object per tokenizer.
+    key = ("examples", url, fs.ukey(path), id(tokenizer), cfg.train.max_seq_len, cfg.train.overlong)
     return _memo(key, lambda: load_examples(url, domain.storage_options, tokenizer, cfg.train.max_seq_len,
                                             cfg.train.overlong))
 
@@ -218,21 +223,37 @@ def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend) -> 
     if base is None:
         _idle_base_models.clear()  # one base per process: a different one replaces it, memory stays flat
         base = load_base_model(model_dir, cfg.model, cfg.quant, backend)
+        _as_loaded.clear()
+        _as_loaded[key] = _four_bit_weights(base) if backend.device.type == "cpu" else {}
     return key, base
 
 
 def _give_back_base_model(key: tuple, model: torch.nn.Module) -> None:
-    """Strip the adapter and keep the base for the next run in this process.
+    """Strip the adapter and keep the base, in the state a fresh load has, for the next run in this process.
 
-    peft's ``unload()`` puts the original modules back (the same objects; the base weights are frozen, so no step
-    touched them) and drops its ``peft_config``; the rest restores what a fresh load has: eval mode and no
-    input-grad hook (``apply_lora`` adds one for gradient checkpointing without 4-bit, and would add another).
-    tests/test_tune.py checks that a run on a given-back base reproduces a run on a fresh one exactly.
+    peft's ``unload()`` puts the original modules back (the same objects) and drops its ``peft_config``. A run
+    changes the base in three more ways, undone here: train mode; the input-grad hook that ``apply_lora`` adds for
+    gradient checkpointing without 4-bit (it would add another); and, on CPUs with AVX512-BF16, the 4-bit weights
+    themselves: bitsandbytes 0.50 repacks a Linear4bit at its first eval-mode forward (absmax cast to bfloat16) and
+    packs it back in ``state_dict()`` (absmax re-quantized), lossy both ways, so every checkpoint-then-eval shifts
+    the base slightly. tests/test_tune.py checks that a run on a given-back base reproduces a fresh one exactly.
     """
     base = getattr(model, "module", model).unload()  # .module: DDP-wrapped on multi-worker runs
+    for name, (data, quant_state) in _as_loaded[key].items():
+        weight = base.get_submodule(name).weight
+        weight.data, weight.quant_state = data.clone(), copy.deepcopy(quant_state)
     base.disable_input_require_grads()
     base.eval()
     _idle_base_models[key] = base
+
+
+def _four_bit_weights(model: torch.nn.Module) -> dict[str, Any]:
+    """module name -> (packed 4-bit weight, quant state), copied: what ``_give_back_base_model`` restores."""
+    return {
+        name: (module.weight.data.clone(), copy.deepcopy(module.weight.quant_state))
+        for name, module in model.named_modules()
+        if getattr(getattr(module, "weight", None), "quant_state", None) is not None
+    }
 
 
 def _quiet_worker_logs() -> None:
@@ -290,7 +311,7 @@ def storage(cfg: Config) -> tuple[str, Any]:
 
 def build_trainer(cfg: Config, domain: Domain, name: str, callbacks: list | None = None) -> TorchTrainer:
     storage_path, filesystem = storage(cfg)
-    resources = {"CPU": cfg.cluster.cpus_per_worker} | ({"GPU": 1} if cfg.cluster.use_gpu else {})
+    resources = worker_resources(cfg, domain)
     return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(), "domain": domain.name},
@@ -339,7 +360,9 @@ def collect_output(cfg: Config, domain: Domain, name: str, checkpoint: Checkpoin
         "total_params": info["total_params"],
         "train_seconds": history[-1].get("train_seconds", 0.0),
         "wall_seconds": wall,
-        "config": cfg.model_dump(),
+        # storage_options may hold object-store credentials, and run folders get shared and copied: leave them out.
+        "config": cfg.model_dump(exclude={"cluster": {"storage_options"}, "publish": {"storage_options"},
+                                          "domains": {"__all__": {"storage_options"}}}),
     }
     (partial / RESULT_FILE).write_text(json.dumps(facts, indent=1))
     if target.exists():
@@ -361,25 +384,68 @@ def preflight(cfg: Config, domains: list[Domain]) -> None:
     if cfg.quant.mode == "nf4":
         check_bitsandbytes()
     ensure_ray(cfg)
-    if cfg.cluster.use_gpu and cluster_gpus() == 0:
-        raise BackendError("cluster.use_gpu=true but the Ray cluster has no GPU; set cluster.use_gpu=false")
-    largest_node_cpus = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
-    if cfg.cluster.cpus_per_worker > largest_node_cpus:
-        raise ConfigError([
-            f"cluster.cpus_per_worker: {cfg.cluster.cpus_per_worker} is more than any node has "
-            f"({largest_node_cpus:g} CPUs); lower it"
-        ])
+    check_fit(cfg, domains)
+
+
+def worker_resources(cfg: Config, domain: Domain) -> dict[str, float]:
+    """What each of the domain's Ray Train workers reserves: CPUs, the GPU, and the domain's custom resources."""
+    return {"CPU": cfg.cluster.cpus_per_worker} | ({"GPU": 1} if cfg.cluster.use_gpu else {}) | \
+        domain.resources_per_worker
+
+
+def node_offers() -> list[dict[str, float]]:
+    """The resources of every alive node, and of every node type the autoscaler may still start.
+
+    Node types come from the cluster config the autoscaler reports (KubeRay, cluster launcher), the source Ray
+    Train's own pre-start check reads; a cluster without an autoscaler has none.
+    """
+    offers = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    autoscaling = ray._private.state.state.get_cluster_config()
+    if autoscaling is not None:
+        offers += [dict(group.resources) for group in autoscaling.node_group_configs if group.max_count != 0]
+    return offers
+
+
+def check_fit(cfg: Config, domains: list[Domain]) -> None:
+    """``ConfigError`` for every domain whose worker fits on no node: Ray would otherwise wait for one forever."""
+    offers = node_offers()
+    problems = []
+    for domain in domains:
+        need = worker_resources(cfg, domain)
+        if any(all(offer.get(key, 0) >= amount for key, amount in need.items()) for offer in offers):
+            continue
+        shown = sorted({_resource_text(offer) for offer in offers})
+        fix = ("set cluster.use_gpu=false" if cfg.cluster.use_gpu and not any(o.get("GPU") for o in offers)
+               else "lower cluster.cpus_per_worker or the domain's resources_per_worker, or add such a node")
+        problems.append(f"domains.{cfg.domains.index(domain)} ({domain.name}): needs {_resource_text(need)} per "
+                        f"worker; no node has that; nodes offer: {', '.join(shown)}; {fix}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _resource_text(resources: dict[str, float]) -> str:
+    """``{CPU: 2, gpu_a10: 1}``: without the memory and ``node:<ip>`` entries Ray adds to every node."""
+    shown = {k: v for k, v in resources.items() if v and not k.startswith("node:") and "memory" not in k}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
 
 
 def select_domains(cfg: Config, names: list[str] | None) -> list[Domain]:
     return [cfg.domain(n) for n in names] if names else list(cfg.domains)
 
 
-def run(cfg: Config, domain_names: list[str] | None = None) -> list[DomainResult]:
-    """Train every selected domain (concurrently as resources allow); results as they lie in ``output_dir``."""
+def run(cfg: Config, domain_names: list[str] | None = None,
+        domain_configs: dict[str, Config] | None = None) -> list[DomainResult]:
+    """Train every selected domain (concurrently as resources allow); results as they lie in ``output_dir``.
+
+    ``domain_configs`` replaces ``cfg`` for the domains it names (e.g. with their tuned LoRA values).
+    """
     domains = select_domains(cfg, domain_names)
     preflight(cfg, domains)
-    pending = {fit_domain.remote(cfg.model_dump(), d.name): d.name for d in domains}
+    configs = {d.name: (domain_configs or {}).get(d.name, cfg) for d in domains}
+    # Pinned to the driver's node: fit_domain writes output_dir there, and the driver reads it locally.
+    on_this_node = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    pending = {fit_domain.options(scheduling_strategy=on_this_node).remote(configs[d.name].model_dump(), d.name):
+               d.name for d in domains}
     results = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

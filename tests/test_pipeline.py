@@ -90,3 +90,20 @@ def test_run_publishes_audited_versions_that_pull_and_load(ray_cluster, tiny_con
     history = registry.alias("support", "production").history
     assert [h["to"] for h in history] == ([1, 2] if gate["decision"] == "promoted" else [1])
     assert "## 8. Change log (6)" in (v2 / "audit.md").read_text()
+
+
+def test_run_with_tune_trains_the_best_trial_and_audits_the_search(ray_cluster, tiny_config_file, s3_store,
+                                                                    registry_url, tmp_path):
+    options = s3_store.storage_options()
+    config = tiny_config_file(domains=("legal",), publish={
+        "registry": registry_url, "storage_options": options, "audit_prompts": 1, "audit_max_new_tokens": 4},
+        tune={"search": "grid", "ranks": [2, 4], "alphas": [2.0], "learning_rates": [1e-2]})
+    result = runner.invoke(app, ["run", str(config), "--tune"])
+    assert result.exit_code == 0, result.output
+    best = json.loads((config.parent / "output/legal/tune/best.json").read_text())
+    audit = json.loads(Registry(registry_url, options).pull("legal", "latest", tmp_path / "v1")
+                       .joinpath("audit.json").read_text())
+    design = audit["design_choices"]
+    assert len(design["trials"]) == 2 and design["chosen"]["trial_id"] == best["trial_id"]
+    assert audit["base_model_and_modification"]["lora"]["r"] == best["lora"]["r"]
+    assert audit["predetermined_changes"]["retraining_envelope"]["lora_r"] == [2, 4]

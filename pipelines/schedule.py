@@ -1,0 +1,202 @@
+"""Schedule stage: retrain a domain when its data changed, inside the change envelope its latest version declared.
+
+A tick, per domain: fingerprint the data (sha256 of the train and eval files, as the train stage records them) →
+compare with the latest published version → check the config against that version's retraining envelope (audit
+``predetermined_changes``) → take the domain's ``retrain`` lock → look again (a concurrent tick may have just
+published) → ``loramill run`` the domains still due, together. ``tick`` is one pass over every domain (or those
+named), for system cron or a Kubernetes CronJob, which hold the schedule; ``loop`` runs ticks at each domain's own
+``schedule`` (cron, read in UTC).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from croniter import croniter
+
+from infra.registry import ConflictError, Registry, RegistryError
+from infra.store import StoreError
+from lora.config import Config, ConfigError, Domain
+from lora.data import DataError, read_jsonl
+from lora.model import BackendError, logical_model_id
+from pipelines import run as run_stage
+from pipelines.publish import open_registry
+from pipelines.train import TrainingFailed, select_domains
+
+LOCK_NAME = "retrain"
+MAX_SLEEP_S = 60.0
+"""Sleep in short pieces and re-read the clock, so a suspended or re-set machine does not oversleep a due time."""
+
+
+@dataclass
+class Decision:
+    """What a tick did with one domain."""
+
+    domain: str
+    retrain: bool
+    reason: str
+    published: int | None = None
+    """The version this tick published."""
+
+
+def tick(
+    cfg: Config,
+    domain_names: list[str] | None = None,
+    *,
+    lock_ttl_s: float,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+) -> list[Decision]:
+    """One pass over the named domains (default: all): retrain the ones whose data changed.
+
+    ``lock_ttl_s`` must exceed a retraining run: a tick that dies holding a domain's lock blocks the domain until
+    the lock expires, and a run that outlasts its lock can be joined by a second one. A domain whose lock another
+    tick holds is skipped. Raises ``ConfigError`` before training anything if a domain due for retraining is
+    configured outside its latest version's retraining envelope.
+    """
+    domains = select_domains(cfg, domain_names)
+    registry = open_registry(cfg)
+    fingerprints = {d.name: fingerprint(d) for d in domains}
+    decisions = {d.name: decide(registry, d.name, fingerprints[d.name], force) for d in domains}
+    refuse_outside_envelope(cfg, registry, [d for d in decisions.values() if d.retrain])
+    with contextlib.ExitStack() as locks:
+        final = {}
+        for name, decision in decisions.items():
+            final[name] = claim(locks, registry, decision, fingerprints[name], force, lock_ttl_s) \
+                if decision.retrain else decision
+            echo(f"{name}: {'retrain' if final[name].retrain else 'skip'} — {final[name].reason}")
+        due = [name for name, decision in final.items() if decision.retrain]
+        if due:
+            for outcome in run_stage.run(cfg, due):
+                final[outcome.training.domain].published = outcome.outcome.published.version
+    return list(final.values())
+
+
+def claim(locks: contextlib.ExitStack, registry: Registry, decision: Decision, data: dict[str, str], force: bool,
+          lock_ttl_s: float) -> Decision:
+    """Hold the domain's lock until ``locks`` closes and decide again under it; skip if another tick holds it."""
+    try:
+        locks.enter_context(registry.lock(decision.domain, LOCK_NAME, lock_ttl_s))
+    except ConflictError as held:
+        return Decision(decision.domain, False, f"another tick is at it: {held}")
+    # The tick that held the lock until a moment ago may have published this very data.
+    return decide(registry, decision.domain, data, force)
+
+
+def loop(cfg: Config, domain_names: list[str] | None = None, *, lock_ttl_s: float,
+         echo: Callable[[str], None] = print) -> None:
+    """Tick each domain at its cron times until interrupted (KeyboardInterrupt propagates; locks are released)."""
+    domains = scheduled_domains(cfg, domain_names)
+    unscheduled = [f"domains.{cfg.domains.index(d)}.schedule: {d.name} has none; give it a cron expression such as "
+                   "'0 3 * * 1', or leave the domain out" for d in domains if d.schedule is None]
+    if unscheduled:
+        raise ConfigError(unscheduled)
+    while True:
+        now = datetime.now(UTC)
+        due_at, names = next_due(domains, now)
+        wait = _duration((due_at - now).total_seconds())
+        echo(f"next: {', '.join(names)} at {due_at:%Y-%m-%d %H:%M} UTC (in {wait})")
+        while (left := (due_at - datetime.now(UTC)).total_seconds()) > 0:
+            time.sleep(min(left, MAX_SLEEP_S))
+        try:
+            tick(cfg, names, lock_ttl_s=lock_ttl_s, echo=echo)
+        except (ConfigError, DataError, BackendError, RegistryError, StoreError, TrainingFailed) as error:
+            # A refused or failed tick is reported and comes round again at the next due time.
+            echo(f"tick failed for {', '.join(names)}: {error}")
+
+
+def next_due(domains: list[Domain], after: datetime) -> tuple[datetime, list[str]]:
+    """The first cron time strictly after ``after`` (UTC), and the domains due then."""
+    times = {d.name: croniter(d.schedule, after).get_next(datetime) for d in domains}
+    first = min(times.values())
+    return first, [name for name, at in times.items() if at == first]
+
+
+def scheduled_domains(cfg: Config, names: list[str] | None) -> list[Domain]:
+    """The named domains, or every domain with a schedule: what the loop ticks."""
+    if names:
+        return [cfg.domain(name) for name in names]
+    scheduled = [d for d in cfg.domains if d.schedule]
+    if not scheduled:
+        raise ConfigError(["domains: no domain has a `schedule`; set one (cron, e.g. '0 3 * * 1') or pass --domain"])
+    return scheduled
+
+
+def fingerprint(domain: Domain) -> dict[str, str]:
+    """sha256 of the train and eval files: every byte ``read_jsonl`` reads, which is what training records."""
+    digests = {}
+    for split, url in (("train", domain.train), ("eval", domain.eval)):
+        digest = hashlib.sha256()
+        for _ in read_jsonl(url, domain.storage_options, digest):
+            pass
+        digests[split] = digest.hexdigest()
+    return digests
+
+
+def decide(registry: Registry, domain: str, data: dict[str, str], force: bool) -> Decision:
+    """Retrain when there is no version yet, the data differs from the latest version's, or when forced."""
+    versions = registry.versions(domain)
+    if not versions:
+        return Decision(domain, True, "no published version yet")
+    latest = versions[-1]
+    published = registry.manifest(domain, latest).metadata["data"]
+    changed = [split for split in ("train", "eval") if published[split]["sha256"] != data[split]]
+    if changed:
+        return Decision(domain, True, f"{' and '.join(changed)} data changed since v{latest} "
+                                      f"({', '.join(data[s][:12] for s in changed)})")
+    if force:
+        return Decision(domain, True, f"--force (data unchanged since v{latest})")
+    return Decision(domain, False, f"data unchanged since v{latest} ({data['train'][:12]}, {data['eval'][:12]})")
+
+
+def refuse_outside_envelope(cfg: Config, registry: Registry, due: list[Decision]) -> None:
+    """``ConfigError`` listing every setting outside the retraining envelope of a due domain's latest version."""
+    problems = []
+    for decision in due:
+        versions = registry.versions(decision.domain)
+        if versions:
+            problems += outside_envelope(cfg, decision.domain, versions[-1], _audit(registry, decision.domain,
+                                                                                    versions[-1]))
+    if problems:
+        raise ConfigError(problems)
+
+
+def outside_envelope(cfg: Config, domain: str, version: int, audit: dict[str, Any]) -> list[str]:
+    """One ``dotted.path: why`` line per config value outside the envelope that ``version``'s audit declared."""
+    fix = ("a change this large is a new model, not a retraining: run `loramill run` by hand (its audit declares a "
+           "new envelope) or set the value back")
+    envelope = audit["predetermined_changes"]["retraining_envelope"]
+    problems = []
+    for path, value, key in (("lora.r", cfg.lora.r, "lora_r"), ("lora.alpha", cfg.lora.alpha, "lora_alpha"),
+                             ("train.learning_rate", cfg.train.learning_rate, "learning_rate")):
+        low, high = envelope[key]
+        if not low <= value <= high:
+            problems.append(f"{path}: {value:g} is outside {domain}'s retraining envelope [{low:g}, {high:g}] "
+                            f"declared by v{version}; {fix}")
+    for path, value, key in (("model.id", logical_model_id(cfg.model), "base_model"),
+                             ("quant.mode", cfg.quant.mode, "quantization")):
+        if value != envelope[key]:
+            problems.append(f"{path}: {value!r} differs from {envelope[key]!r}, fixed by {domain}'s retraining "
+                            f"envelope declared by v{version}; {fix}")
+    return problems
+
+
+def _audit(registry: Registry, domain: str, version: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="loramill-schedule-") as directory:
+        pulled = registry.pull(domain, version, Path(directory) / "version")
+        return json.loads((pulled / "audit.json").read_text())
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 1440} d {minutes // 60 % 24} h {minutes % 60} min" if minutes >= 1440 else \
+        f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{max(seconds, 0):.0f} s"

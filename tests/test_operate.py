@@ -1,0 +1,326 @@
+"""Operating loramill: ``loramill submit`` to a real Ray head started with ``ray start``, ``loramill schedule`` ticks
+against the real registry on SeaweedFS, and placement by custom resources on a simulated two-node cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from ray.job_submission import JobSubmissionClient
+from typer.testing import CliRunner
+
+from infra.registry import Registry
+from lora.config import Config, ConfigError, load_config
+from pipelines import schedule, submit
+from pipelines.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------------------------------------
+# loramill submit
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head started as an operator starts one (``ray start --head``), on loopback ports of its own next to
+    the session's ``ray.init()`` cluster, without any AWS credential in its environment. Yields its dashboard URL.
+
+    Stopped by signalling exactly the processes it started: ``ray stop`` would kill every Ray process on the
+    machine, the session cluster of this very test run included.
+    """
+    temp = Path(tempfile.mkdtemp(prefix="lm-head-"))  # short: Ray's socket paths must stay under 107 characters
+    gcs, dashboard, client, agent = _free_ports(4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))} | {
+        "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_TMPDIR": str(temp),
+        # Ray processes that look their cluster up (Train's placement-group cleaner) would otherwise find two on
+        # this machine, this one and the session's, and give up.
+        "RAY_ADDRESS": f"127.0.0.1:{gcs}",
+        # The job runs `loramill` from the PATH of whoever ran `ray start`.
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    command = [
+        str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", "--object-store-memory=200000000",
+        "--disable-usage-stats", f"--temp-dir={temp}",
+    ]
+    # Its own session: `ray start` exits, and the daemons it leaves keep its process group id.
+    starter = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = starter.communicate(timeout=120)
+        assert starter.returncode == 0, output
+        address = f"http://127.0.0.1:{dashboard}"
+        _wait_for_job_server(address)
+        yield address
+    finally:
+        _stop_process_group(starter.pid)
+        shutil.rmtree(temp, ignore_errors=True)  # with <temp>/ray_current_cluster
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _wait_for_job_server(address: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _stop_process_group(pgid: int) -> None:
+    """SIGTERM the group and every descendant (Ray workers and job drivers start sessions of their own), then
+    SIGKILL what is left after 5 s (gcs_server takes longer to heed SIGTERM, and keeps nothing we need)."""
+    group = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid:
+                group.append(process)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    processes = set(group)
+    for process in group:
+        try:
+            processes.update(process.children(recursive=True))
+        except psutil.Error:
+            pass
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=5)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+def test_submit_runs_the_pipeline_as_a_ray_job_shows_no_credential_and_fails_with_the_job(ray_head, tiny_config_file,
+                                                                                          s3_store):
+    # The embedded registry on the test store: the job must find it through the store folder (s3.json, 0600).
+    config = tiny_config_file(
+        publish={"registry": "embedded", "store_dir": str(s3_store.data_dir.parent), "audit_prompts": 0},
+        train={"max_steps": 2, "eval_every": 1, "checkpoint_every": 2},
+    )
+    registry = Registry(f"s3://{s3_store.bucket}/adapters", s3_store.storage_options())
+    before = registry.versions("medical")
+
+    started = time.monotonic()
+    result = runner.invoke(app, ["submit", str(config), "--address", ray_head, "--working-dir", str(config.parent),
+                                 "--wait"])
+    assert result.exit_code == 0, result.output
+    assert registry.versions("medical") == [*before, (before[-1] if before else 0) + 1]
+    job_id = re.search(r"job (loramill-\S+): SUCCEEDED", result.output).group(1)
+    print(f"submitted job ran in {time.monotonic() - started:.0f} s")
+
+    client = JobSubmissionClient(ray_head)
+    info = client.get_job_info(job_id)
+    assert info.entrypoint.startswith("loramill run config.yaml ") and "publish.store_dir=" in info.entrypoint
+    shown = {
+        "submit output": result.output,
+        "job info": info.model_dump_json(),
+        "job list": json.dumps([job.model_dump(mode="json") for job in client.list_jobs()]),
+        "job logs": client.get_job_logs(job_id),
+    }
+    assert "published" in shown["job logs"]
+    for credential in (s3_store.secret, s3_store.access_key):
+        for where, text in shown.items():
+            assert credential not in text, f"a store credential is in the {where}"
+
+    # A job that fails on the cluster: its data lies in a folder the upload leaves out (build/).
+    raw = yaml.safe_load(config.read_text())
+    (config.parent / "build").mkdir()
+    shutil.copy(raw["domains"][0]["train"], config.parent / "build/train.jsonl")
+    raw["domains"][0]["train"] = "build/train.jsonl"
+    broken = config.with_name("broken.yaml")
+    broken.write_text(yaml.safe_dump(raw))
+    failed = runner.invoke(app, ["submit", str(broken), "--address", ray_head, "--working-dir", str(config.parent),
+                                 "--wait"])
+    assert failed.exit_code == 1, failed.output
+    assert re.search(r"job loramill-\S+ FAILED", failed.output) and "build/train.jsonl: data file not found" in \
+        failed.output
+
+
+def test_submit_refuses_what_would_fail_on_the_cluster(tiny_config_file, tmp_path):
+    config = tiny_config_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (closed_port,) = _free_ports(1)
+    outside = runner.invoke(app, ["submit", str(config), "--address", f"http://127.0.0.1:{closed_port}",
+                                  "--working-dir", str(elsewhere)])
+    assert outside.exit_code == 2 and "lies outside" in outside.output
+
+    nobody = runner.invoke(app, ["submit", str(config), "--address", f"http://127.0.0.1:{closed_port}",
+                                 "--working-dir", str(config.parent)])
+    assert nobody.exit_code == 2 and "Is a Ray head running there" in nobody.output
+
+    secret = runner.invoke(app, ["submit", str(config), "publish.storage_options.secret=hunter2", "--address",
+                                 f"http://127.0.0.1:{closed_port}", "--working-dir", str(config.parent)])
+    assert secret.exit_code == 2 and "publish.storage_options.secret: a credential on the command line" in secret.output
+    in_file = load_config(config, ["publish.storage_options={endpoint_url: 'http://s3', key: K3Y, secret: S3CRET}"])
+    [note] = submit.credential_notes(in_file)
+    assert "publish.storage_options.key, publish.storage_options.secret" in note
+    assert "K3Y" not in note and "S3CRET" not in note
+
+    assert not submit.head_is_local("http://10.1.2.3:8265")
+    with pytest.raises(ConfigError, match="'embedded' is this machine's own store"):
+        submit.pinned_paths(load_config(config), local_head=False)
+    s3 = load_config(config, ["publish.registry=s3://bucket/adapters"])
+    assert submit.pinned_paths(s3, local_head=False) == []
+    assert submit.pinned_paths(s3, local_head=True) == [
+        f'cluster.storage_url="{tmp_path / "runs"}"', f'cluster.output_dir="{tmp_path / "output"}"']
+
+
+def test_the_uploaded_working_dir_is_the_project_without_tool_state(tmp_path):
+    from ray._private.runtime_env.packaging import create_package
+
+    package = tmp_path / "package.zip"
+    # include_gitignore=False: the excludes alone must keep .venv (GBs) and the store out.
+    create_package(str(submit.REPO_ROOT), package, include_gitignore=False, excludes=submit.WORKING_DIR_EXCLUDES)
+    names = zipfile.ZipFile(package).namelist()
+    assert {"pipelines/submit.py", "configs/default.yaml", "data/medical/train.jsonl"} <= set(names)
+    assert [n for n in names if n.startswith(".") or "/." in n or "__pycache__" in n] == []
+    assert package.stat().st_size < 5_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# loramill schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_schedule(config: Path, cron: str) -> Path:
+    raw = yaml.safe_load(config.read_text())
+    for domain in raw["domains"]:
+        domain["schedule"] = cron
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def test_schedule_once_retrains_on_new_data_only_inside_the_envelope_and_never_twice_at_once(
+        ray_cluster, tiny_config_file, s3_store, registry_url, small_data):
+    options = s3_store.storage_options()
+    config = _with_schedule(tiny_config_file(
+        publish={"registry": registry_url, "storage_options": options, "audit_prompts": 0},
+        train={"max_steps": 2, "eval_every": 1, "checkpoint_every": 2},
+    ), "0 3 * * 1")
+    registry = Registry(registry_url, options)
+
+    first = runner.invoke(app, ["schedule", str(config), "--once"])
+    assert first.exit_code == 0, first.output
+    assert "medical: retrain — no published version yet" in first.output
+    assert "medical: published v1" in first.output and registry.versions("medical") == [1]
+
+    second = runner.invoke(app, ["schedule", str(config), "--once"])
+    assert second.exit_code == 0, second.output
+    assert "medical: skip — data unchanged since v1" in second.output and registry.versions("medical") == [1]
+
+    train_file = small_data / "medical/train.jsonl"
+    train_file.write_text("".join(train_file.read_text().splitlines(keepends=True)[:-4]))
+    domain = load_config(config).domain("medical")
+    decision = schedule.decide(registry, "medical", schedule.fingerprint(domain), force=False)
+    assert decision.retrain and decision.reason.startswith("train data changed since v1")
+
+    with registry.lock("medical", schedule.LOCK_NAME, ttl_s=300):
+        held = runner.invoke(app, ["schedule", str(config), "--once"])
+    assert held.exit_code == 0, held.output
+    assert "medical: skip — another tick is at it: lock 'retrain' of medical is held" in held.output
+
+    outside = runner.invoke(app, ["schedule", str(config), "--once", "lora.r=16", "quant.mode=none"])
+    assert outside.exit_code == 2, outside.output
+    assert "lora.r: 16 is outside medical's retraining envelope [4, 4] declared by v1" in outside.output
+    assert "quant.mode: 'none' differs from 'nf4'" in outside.output
+    assert registry.versions("medical") == [1]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_schedule_loop_waits_for_the_cron_time_and_stops_cleanly(tiny_config_file, tmp_path, stop):
+    config = _with_schedule(tiny_config_file(), "0 0 1 1 *")
+    log = tmp_path / "schedule.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "schedule", str(config)], cwd=REPO,
+                                   stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while "next: medical at" not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    process.send_signal(stop)
+    assert process.wait(timeout=30) == 0, log.read_text()
+    text = log.read_text()
+    assert f"next: medical at {datetime.now(UTC).year + 1}-01-01 00:00 UTC" in text
+    assert "scheduler stopped" in text and "Traceback" not in text
+
+
+def test_next_due_is_the_first_cron_time_after_now_in_utc():
+    entry = {"train": "t.jsonl", "eval": "e.jsonl", "intended_use": "u", "limitations": "l"}
+    domains = Config.model_validate({"domains": [
+        entry | {"name": "weekly", "schedule": "0 3 * * 1"},
+        entry | {"name": "daily", "schedule": "0 3 * * *"},
+        entry | {"name": "hourly", "schedule": "30 * * * *"},
+    ]}).domains
+    monday = datetime(2026, 11, 23, 2, 45, tzinfo=UTC)
+    assert schedule.next_due(domains, monday) == (datetime(2026, 11, 23, 3, 0, tzinfo=UTC), ["weekly", "daily"])
+    assert schedule.next_due(domains[1:], datetime(2026, 11, 24, 3, 0, tzinfo=UTC)) == (
+        datetime(2026, 11, 24, 3, 30, tzinfo=UTC), ["hourly"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement by node type
+# ---------------------------------------------------------------------------------------------
+
+
+def test_domains_land_on_the_node_types_they_ask_for_and_one_that_fits_nowhere_is_refused(tiny_config_file):
+    config = tiny_config_file(domains=("medical", "legal"), quant={"mode": "none"})
+    raw = yaml.safe_load(config.read_text())
+    raw["domains"][0]["resources_per_worker"] = {"gpu_a10": 1}
+    raw["domains"][1]["resources_per_worker"] = {"cpu_big": 1}
+    config.write_text(yaml.safe_dump(raw))
+    temp = tempfile.mkdtemp(prefix="lm-place-")  # Ray's temp dir and ray_current_cluster, never /tmp/ray
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, str(REPO / "tests/cluster_placement.py"), str(config),
+             "domains.0.resources_per_worker={gpu_h100: 1}"],
+            cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ | {"RAY_TMPDIR": temp})
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-5000:]
+    print(f"placement check took {time.monotonic() - started:.0f} s")
+    found = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    assert found["ran_on"] == {"medical": found["nodes"]["gpu_a10"], "legal": found["nodes"]["cpu_big"]}
+    assert ("domains.0 (medical): needs {CPU: 1, gpu_h100: 1} per worker; no node has that; nodes offer: "
+            "{CPU: 2, cpu_big: 1}, {CPU: 2, gpu_a10: 1}") in found["unfit"]
+    assert "legal" not in found["unfit"]
