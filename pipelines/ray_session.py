@@ -9,6 +9,9 @@ import os
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray Train gives a worker group 60 s to start. A worker imports torch, transformers and bitsandbytes (~10 s
+# alone); on a loaded 2-core machine that took over 60 s and the start was retried again and again.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 import ray  # noqa: E402
 

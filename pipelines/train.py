@@ -322,7 +322,10 @@ def build_trainer(cfg: Config, domain: Domain, name: str, callbacks: list | None
             name=name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            # Worker-group start-up failures count too: without a limit a domain that never gets its workers
+            # retries forever instead of failing with the reason.
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures,
+                                         controller_failure_limit=cfg.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
