@@ -390,6 +390,14 @@ def preflight(cfg: Config, domains: list[Domain]) -> None:
     check_fit(cfg, domains)
 
 
+def _domain_need(cfg: Config, domain: Domain) -> dict[str, float]:
+    return {k: v * cfg.cluster.workers_per_domain for k, v in worker_resources(cfg, domain).items()}
+
+
+def _fits(need: dict[str, float], in_use: dict[str, float], capacity: dict[str, float]) -> bool:
+    return all(in_use.get(k, 0) + v <= capacity.get(k, 0) + 1e-9 for k, v in need.items())
+
+
 def worker_resources(cfg: Config, domain: Domain) -> dict[str, float]:
     """What each of the domain's Ray Train workers reserves: CPUs, the GPU, and the domain's custom resources."""
     return {"CPU": cfg.cluster.cpus_per_worker} | ({"GPU": 1} if cfg.cluster.use_gpu else {}) | \
@@ -447,12 +455,22 @@ def run(cfg: Config, domain_names: list[str] | None = None,
     configs = {d.name: (domain_configs or {}).get(d.name, cfg) for d in domains}
     # Pinned to the driver's node: fit_domain writes output_dir there, and the driver reads it locally.
     on_this_node = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    pending = {fit_domain.options(scheduling_strategy=on_this_node).remote(configs[d.name].model_dump(), d.name):
-               d.name for d in domains}
-    results = []
-    while pending:
+    # Start a domain only when the cluster can hold its workers next to those already running: Ray Train gives a
+    # worker group RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S to get its resources, and a domain queued behind
+    # long runs would use up its restarts waiting.
+    capacity = ray.cluster_resources()
+    waiting, pending, in_use, results = list(domains), {}, {}, []
+    while waiting or pending:
+        while waiting and (not pending or _fits(_domain_need(configs[waiting[0].name], waiting[0]), in_use, capacity)):
+            domain = waiting.pop(0)
+            need = _domain_need(configs[domain.name], domain)
+            ref = fit_domain.options(scheduling_strategy=on_this_node).remote(configs[domain.name].model_dump(),
+                                                                               domain.name)
+            pending[ref] = (domain.name, need)
+            in_use = {k: in_use.get(k, 0) + need.get(k, 0) for k in in_use.keys() | need.keys()}
         done, _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(done[0])
+        name, need = pending.pop(done[0])
+        in_use = {k: v - need.get(k, 0) for k, v in in_use.items()}
         try:
             output = ray.get(done[0])
         except ray.exceptions.RayTaskError as e:
