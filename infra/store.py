@@ -110,14 +110,7 @@ def store_up(root: Path, *, s3_port: int | None = None, timeout_s: float = READY
                 f"program. Stop it, or delete {root / 'ports.json'} to choose new ports."
             )
         pid = _spawn(root, ports)
-        info = StoreInfo(
-            endpoint_url=f"http://{HOST}:{ports['s3']}",
-            bucket=BUCKET,
-            access_key=access_key,
-            secret=secret,
-            pid=pid,
-            data_dir=root / "data",
-        )
+        info = _store_info(root, ports, access_key, secret, pid)
         try:
             _wait_ready(root, info, timeout_s)
         except StoreError:
@@ -152,6 +145,10 @@ def store_status(root: Path) -> StoreInfo | None:
         return None
     access_key, secret = _read_identity(root)
     ports = json.loads((root / "ports.json").read_text())
+    return _store_info(root, ports, access_key, secret, pid)
+
+
+def _store_info(root: Path, ports: dict[str, int], access_key: str, secret: str, pid: int) -> StoreInfo:
     return StoreInfo(
         endpoint_url=f"http://{HOST}:{ports['s3']}",
         bucket=BUCKET,
