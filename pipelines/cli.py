@@ -18,6 +18,7 @@ from infra.store import StoreError
 from lora.config import Config, ConfigError, load_config
 from lora.data import DataError
 from lora.model import BackendError
+from pipelines.errors import TrainingFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Logs and CI are not terminals: rich would wrap tables at 80 columns there.
@@ -41,11 +42,7 @@ def exits_2_on_bad_input(command: Callable) -> Callable:
             errors.print("error:", style="bold red", end=" ")
             errors.print(str(e), markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except RuntimeError as e:
-            from pipelines.train import TrainingFailed
-
-            if not isinstance(e, TrainingFailed):
-                raise
+        except TrainingFailed as e:
             errors.print("failed:", style="bold red", end=" ")
             errors.print(str(e), markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None

@@ -30,7 +30,8 @@ from lora.data import DataError, read_jsonl
 from lora.model import BackendError, logical_model_id
 from pipelines import run as run_stage
 from pipelines.publish import open_registry
-from pipelines.train import TrainingFailed, select_domains
+from pipelines.errors import TrainingFailed
+from pipelines.train import select_domains
 
 LOCK_NAME = "retrain"
 MAX_SLEEP_S = 60.0

@@ -51,14 +51,11 @@ from lora.train import (
     total_steps,
     train,
 )
+from pipelines.errors import TrainingFailed
 from pipelines.ray_session import ensure_ray
 
 RUN_INFO_FILE = "run_info.json"
 RESULT_FILE = "result.json"
-
-
-class TrainingFailed(RuntimeError):
-    """A domain's run failed for good (its restarts used up); the message names the domain and the cause."""
 
 
 @dataclass
