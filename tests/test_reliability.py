@@ -228,16 +228,22 @@ def _kill_mid_upload(info: StoreInfo, prefix: str, restart_after_s: float | None
 
     client = boto3.client("s3", endpoint_url=info.endpoint_url, aws_access_key_id=info.access_key,
                           aws_secret_access_key=info.secret, region_name="us-east-1")
-    # Files go up in name order: once adapter_config.json is there, the big safetensors upload is under way.
-    key = f"{prefix}/medical/v1/adapter_config.json"
+    # Kill only once the server lists the weights' multipart upload: then the kill lands inside it, however the
+    # upload and this thread are scheduled (an earlier trigger raced the upload's start on a loaded machine).
+    weights_key = f"{prefix}/medical/v1/adapter_model.safetensors"
     facts: dict = {}
+
+    def upload_started() -> bool:
+        try:
+            answer = client.list_multipart_uploads(Bucket=info.bucket, Prefix=weights_key)
+        except Exception:
+            return False
+        return any(upload["Key"] == weights_key for upload in answer.get("Uploads", []))
 
     def watch() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            try:
-                client.head_object(Bucket=info.bucket, Key=key)
-            except Exception:
+            if not upload_started():
                 time.sleep(0.005)
                 continue
             os.killpg(info.pid, signal.SIGKILL)  # the server's whole process group, no goodbye
