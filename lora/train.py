@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -17,10 +18,14 @@ import torch.distributed as dist
 from torch import nn
 
 from lora.config import Training
-from lora.data import TokenizedExample, collate, epoch_order
+from lora.data import LabelledExample, TokenizedExample, collate, epoch_order
 
 STATE_FILE = "trainer_state.pt"
 HISTORY_FILE = "history.json"
+TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"
+"""What ``lora.method`` last_layers or full writes instead of a PEFT adapter: the trained tensors, by their names in
+the base model (load them over the base with ``load_state_dict(strict=False)``)."""
+TRAINED_INFO_FILE = "trained_weights.json"
 
 
 @dataclass
@@ -37,7 +42,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     """One entry per report: step, train_loss, and eval_loss/eval_perplexity when evaluated."""
     base_eval_loss: float | None = None
-    """Held-out loss of the base model (adapter disabled), measured once before the first step."""
+    """Held-out loss of the base model (adapter disabled, or before the first step), measured once."""
     resumed_from_step: list[int] = field(default_factory=list)
     """The step each restart continued from (one entry per resume from a checkpoint): the steps redone after a
     failure are the ones between that step and where the failed attempt was."""
@@ -47,8 +52,8 @@ class TrainState:
 class Shard:
     """This rank's share of the data: every rank gets the same number of micro batches per epoch."""
 
-    train: list[TokenizedExample]
-    eval: list[TokenizedExample]
+    train: list[TokenizedExample] | list[LabelledExample]
+    eval: list[TokenizedExample] | list[LabelledExample]
     rank: int
     world_size: int
 
@@ -56,7 +61,7 @@ class Shard:
         per_rank = len(self.train) // self.world_size
         return per_rank // micro_batch_size
 
-    def micro_batch(self, epoch: int, index: int, micro_batch_size: int, seed: int) -> list[TokenizedExample]:
+    def micro_batch(self, epoch: int, index: int, micro_batch_size: int, seed: int) -> list:
         """The same global shuffle on every rank, then a strided split, so ranks never share an example."""
         order = epoch_order(len(self.train), epoch, seed)[self.rank :: self.world_size]
         picked = order[index * micro_batch_size : (index + 1) * micro_batch_size]
@@ -91,27 +96,48 @@ def build_optimizer(model: nn.Module, cfg: Training, steps: int) -> tuple[torch.
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, examples: list[TokenizedExample], batch_size: int, pad_id: int, device: torch.device
-) -> float:
-    """Token-weighted mean loss over the assistant tokens of ``examples``, summed across ranks if distributed."""
+    model: nn.Module, examples: list[TokenizedExample] | list[LabelledExample], batch_size: int, pad_id: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Held-out metrics, summed across ranks if distributed.
+
+    Causal LM: ``eval_loss`` (token-weighted mean over the assistant tokens) and ``eval_perplexity``.
+    Sequence classification: ``eval_loss`` (mean cross-entropy per example) and ``eval_accuracy``.
+    """
+    classify = isinstance(examples[0], LabelledExample)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-        )
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        if classify:
+            targets = batch["labels"]
+            loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+            correct += (logits.argmax(-1) == targets).sum()
+        else:
+            targets = batch["labels"][:, 1:]
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
         loss_sum += loss.double()
-        tokens += (targets != -100).sum()
+        count += (targets != -100).sum()
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(tokens)
+        for total in (loss_sum, count, correct):
+            dist.all_reduce(total)
     model.train(was_training)
-    return (loss_sum / tokens.clamp(min=1)).item()
+    eval_loss = (loss_sum / count.clamp(min=1)).item()
+    if classify:
+        return {"eval_loss": eval_loss, "eval_accuracy": (correct / count.clamp(min=1)).item()}
+    return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+def base_model_view(model: nn.Module):
+    """A context in which ``model`` computes as its base: a PEFT adapter switched off. A model without one
+    (``lora.method`` last_layers or full) is its own base before the first step."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
 Report = Callable[[dict[str, float], TrainState, bool], None]
@@ -133,16 +159,16 @@ def train(
 ) -> TrainState:
     """Run optimizer steps from ``state`` to the end, evaluating and checkpointing at the configured intervals.
 
-    ``model`` may be DDP-wrapped; the base-model loss is measured once (adapter disabled) before step 1.
+    ``model`` may be DDP-wrapped; the base-model metrics are measured once (adapter disabled) before step 1.
     """
     steps = total_steps(shard, cfg)
     batches = shard.batches_per_epoch(cfg.micro_batch_size)
     eval_examples = shard.eval[: cfg.max_eval_examples] if cfg.max_eval_examples else shard.eval
     peft_model = getattr(model, "module", model)
     if state.base_eval_loss is None:
-        with peft_model.disable_adapter():
-            state.base_eval_loss = evaluate(peft_model, eval_examples, cfg.micro_batch_size, pad_id, device)
-        base = {"step": 0, "eval_loss": state.base_eval_loss, "eval_perplexity": math.exp(state.base_eval_loss)}
+        with base_model_view(peft_model):
+            base = {"step": 0} | evaluate(peft_model, eval_examples, cfg.micro_batch_size, pad_id, device)
+        state.base_eval_loss = base["eval_loss"]
         state.history.append(base)
         report(base, state, False)
     model.train()
@@ -168,8 +194,7 @@ def train(
         metrics = {"step": state.step, "train_loss": loss_sum, "lr": scheduler.get_last_lr()[0]}
         is_last = state.step == steps
         if state.step % cfg.eval_every == 0 or is_last:
-            eval_loss = evaluate(model, eval_examples, cfg.micro_batch_size, pad_id, device)
-            metrics |= {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+            metrics |= evaluate(model, eval_examples, cfg.micro_batch_size, pad_id, device)
         metrics["train_seconds"] = state.train_seconds
         state.history.append(metrics)
         if "eval_loss" in metrics or state.step % cfg.checkpoint_every == 0:
@@ -181,14 +206,55 @@ def save_adapter(model: nn.Module, directory: Path, base_model_id: str) -> None:
     """PEFT's adapter folder (adapter_config.json + adapter_model.safetensors), naming the base by its public id.
 
     peft writes ``base_model_name_or_path`` as the local folder it loaded from; a published adapter must name
-    the model users can find instead.
+    the model users can find instead. A model without an adapter (``lora.method`` last_layers or full) gets
+    ``trained_weights.safetensors`` instead: its trained tensors under their names in the base.
     """
     peft_model = getattr(model, "module", model)
+    if not hasattr(peft_model, "peft_config"):
+        save_trained_weights(peft_model, directory, base_model_id)
+        return
     peft_model.save_pretrained(directory, safe_serialization=True)
     config_path = directory / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text())
     adapter_config["base_model_name_or_path"] = base_model_id
     config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+
+
+def trained_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trained_weights(model: nn.Module, directory: Path, base_model_id: str) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = trained_weights(model)
+    save_file({name: t.contiguous() for name, t in weights.items()}, directory / TRAINED_WEIGHTS_FILE)
+    info = {"base_model_name_or_path": base_model_id, "parameters": sum(t.numel() for t in weights.values()),
+            "tensors": len(weights), "label2id": getattr(model.config, "label2id", None)}
+    (directory / TRAINED_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def load_trained_weights(model: nn.Module, directory: Path) -> None:
+    """Put saved trained tensors (``save_adapter`` of a model without adapter) into ``model``; every name must exist."""
+    from safetensors.torch import load_file
+
+    weights = load_file(directory / TRAINED_WEIGHTS_FILE, device=str(next(model.parameters()).device))
+    unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{directory}: {len(unexpected)} saved tensors are not in the model, e.g. {unexpected[0]}")
+
+
+def load_trained(base_model: nn.Module, directory: Path) -> nn.Module:
+    """``base_model`` with what a run trained, from the run's ``adapter/`` folder (eval mode): its PEFT adapter, or
+    the trained weights of a ``lora.method`` last_layers / full run. The base must be loaded as for training (same
+    task and labels)."""
+    if (directory / "adapter_config.json").is_file():
+        from lora.generate import load_with_adapter
+
+        return load_with_adapter(base_model, directory)
+    load_trained_weights(base_model, directory)
+    return base_model.eval()
 
 
 def save_training_state(
@@ -217,8 +283,12 @@ def load_training_state(
     from safetensors.torch import load_file
 
     peft_model = getattr(model, "module", model)
-    weights = load_file(directory / "adapter" / "adapter_model.safetensors", device=str(next(model.parameters()).device))
-    set_peft_model_state_dict(peft_model, weights)
+    if hasattr(peft_model, "peft_config"):
+        weights = load_file(directory / "adapter" / "adapter_model.safetensors",
+                            device=str(next(model.parameters()).device))
+        set_peft_model_state_dict(peft_model, weights)
+    else:
+        load_trained_weights(peft_model, directory / "adapter")
     saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

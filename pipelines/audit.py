@@ -68,6 +68,8 @@ def build_audit(
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "base_model_and_modification": {
             "base_model": run_info["base_model"],
+            "task": cfg.task,
+            "labels": domain.labels,
             "method": "QLoRA (4-bit NF4 base, LoRA adapters)" if cfg.quant.mode == "nf4" else "LoRA",
             "quantization": cfg.quant.model_dump() | {"effective_compute_dtype": run_info["compute_dtype"]},
             "lora": {
@@ -119,6 +121,8 @@ def build_audit(
                 "base_eval_perplexity": math.exp(base_loss),
                 "delta_vs_base": eval_loss - base_loss,
                 "parent_eval_loss": parent_loss,
+                **({"eval_accuracy": result["eval_accuracy"], "base_eval_accuracy": result["base_eval_accuracy"]}
+                   if result.get("eval_accuracy") is not None else {}),
                 "delta_vs_parent": None if parent_loss is None else eval_loss - parent_loss,
             },
             "eval_examples": run_info["data"]["eval"]["examples_kept"],
@@ -242,6 +246,13 @@ def render_markdown(audit: dict[str, Any], version: int) -> str:
         f"| base | {metrics['base_eval_loss']:.4f} | {metrics['base_eval_perplexity']:.2f} |",
         f"| this adapter | {metrics['eval_loss']:.4f} | {metrics['eval_perplexity']:.2f} |",
     ]
+    if "eval_accuracy" in metrics:
+        lines[-3:] = [
+            "| model | eval loss | accuracy |",
+            "|---|---|---|",
+            f"| base (untrained head) | {metrics['base_eval_loss']:.4f} | {metrics['base_eval_accuracy']:.2%} |",
+            f"| this adapter | {metrics['eval_loss']:.4f} | {metrics['eval_accuracy']:.2%} |",
+        ]
     if metrics["parent_eval_loss"] is not None:
         lines.append(f"| parent v{change['parent_version']} | {metrics['parent_eval_loss']:.4f} | "
                      f"{math.exp(metrics['parent_eval_loss']):.2f} |")
@@ -269,6 +280,10 @@ def render_markdown(audit: dict[str, Any], version: int) -> str:
         lines.append(f"| `{name}` | {by_name[name]['frobenius_norm']:.4f} | {by_name[name]['effective_rank']:.2f} |")
     lines += ["", "![per-layer weight change](delta_w.png)", "", "## 9. Samples: base vs adapter", ""]
     for sample in audit["samples"]:
+        if "expected" in sample:  # a classifier's predictions
+            lines += [f"**Text:** {sample['prompt']}", "", "| true label | base | adapter |", "|---|---|---|",
+                      f"| {_cell(sample['expected'])} | {_cell(sample['base'])} | {_cell(sample['adapter'])} |", ""]
+            continue
         lines += [f"**Prompt:** {sample['prompt']}", "", "| base | adapter |", "|---|---|",
                   f"| {_cell(sample['base'])} | {_cell(sample['adapter'])} |", ""]
     return "\n".join(lines) + "\n"
@@ -282,6 +297,10 @@ def model_card(audit: dict[str, Any], version: int, license_id: str = "apache-2.
     """Hugging Face model card: YAML front matter + a short body pointing at audit.md."""
     base = audit["base_model_and_modification"]
     metrics = audit["validation"]["metrics"]
+    classify = base.get("task") == "sequence_classification"
+    scores = ([{"type": "loss", "value": round(metrics["eval_loss"], 4)}]
+              + ([{"type": "accuracy", "value": round(metrics["eval_accuracy"], 4)}] if classify else
+                 [{"type": "perplexity", "value": round(metrics["eval_perplexity"], 3)}]))
     front = {
         "base_model": base["base_model"]["id"],
         "library_name": "peft",
@@ -291,10 +310,9 @@ def model_card(audit: dict[str, Any], version: int, license_id: str = "apache-2.
         "model-index": [{
             "name": f"{audit['domain']}-v{version}",
             "results": [{
-                "task": {"type": "text-generation"},
+                "task": {"type": "text-classification" if classify else "text-generation"},
                 "dataset": {"name": audit["data"]["eval"]["url"], "type": "jsonl"},
-                "metrics": [{"type": "loss", "value": round(metrics["eval_loss"], 4)},
-                            {"type": "perplexity", "value": round(metrics["eval_perplexity"], 3)}],
+                "metrics": scores,
             }],
         }],
     }

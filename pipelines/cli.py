@@ -439,7 +439,9 @@ def schedule(
 
 def training_table(results) -> Table:
     table = Table(title="loramill train", title_justify="left")
-    for column in ("domain", "steps", "base eval loss", "adapter eval loss", "ppl base → adapter",
+    classify = any(r.eval_accuracy is not None for r in results)
+    for column in ("domain", "steps", "base eval loss", "adapter eval loss",
+                   "accuracy base → trained" if classify else "ppl base → adapter",
                    "trainable params", "train s / wall s", "adapter"):
         table.add_column(column, justify="left" if column in ("domain", "adapter") else "right")
     for r in results:
@@ -449,7 +451,8 @@ def training_table(results) -> Table:
             str(r.steps),
             f"{r.base_eval_loss:.3f}",
             f"[{better}]{r.eval_loss:.3f}[/]",
-            f"{math.exp(r.base_eval_loss):.1f} → {math.exp(r.eval_loss):.1f}",
+            f"{r.base_eval_accuracy:.2%} → {r.eval_accuracy:.2%}" if classify
+            else f"{math.exp(r.base_eval_loss):.1f} → {math.exp(r.eval_loss):.1f}",
             f"{r.trainable_params:,} ({r.trainable_params / r.total_params:.2%})",
             f"{r.train_seconds:.0f} / {r.wall_seconds:.0f}",
             _short_path(r.output_dir / "adapter"),

@@ -18,8 +18,8 @@ from typing import Any
 
 from infra.registry import ConflictError, PublishedVersion, Registry, RegistryError
 from infra.store import store_up
-from lora.config import Config, Domain, is_local_path
-from lora.data import read_jsonl, redact_url, to_messages
+from lora.config import Config, ConfigError, Domain, is_local_path
+from lora.data import read_jsonl, redact_url, to_labelled_text, to_messages
 from lora.diff import adapter_deltas
 from pipelines import audit as audit_docs
 from pipelines.train import HISTORY_FILE, RESULT_FILE, RUN_INFO_FILE
@@ -44,6 +44,7 @@ def open_registry(cfg: Config) -> Registry:
 
 def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False, tune: dict | None = None) -> Outcome:
     """Publish the run in ``run_dir`` as the next version of the domain and apply the gate."""
+    check_publishable(cfg)
     domain = cfg.domain(domain_name)
     result, run_info, history = _read_run(run_dir)
     registry = open_registry(cfg)
@@ -59,8 +60,11 @@ def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False, tu
         samples = sample_answers(cfg, domain, staging)
         gate = decide_gate(registry, cfg, domain.name, result, force)
         checks = [
-            {"check": "data files parsed and validated (format, roles, UTF-8, line size)", "result": "passed"},
-            {"check": "trainable parameters == sum of r*(in+out) over target layers", "result": "passed"},
+            {"check": "data files parsed and validated (format, roles or labels, UTF-8, line size)",
+             "result": "passed"},
+            {"check": "trainable parameters == sum of r*(in+out) over target layers"
+                      + (" + the classification head" if cfg.task == "sequence_classification" else ""),
+             "result": "passed"},
             {"check": "adapter eval loss below base eval loss",
              "result": "passed" if result["eval_loss"] < result["base_eval_loss"] else "failed"},
             {"check": f"promotion gate ({cfg.publish.gate_alias})", "result": gate["decision"]},
@@ -90,6 +94,13 @@ def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False, tu
             gate |= {"decision": "not promoted", "reason": f"{cfg.publish.gate_alias} moved while publishing; re-run "
                      f"`loramill promote {domain.name} v{published.version}`"}
     return Outcome(published, gate)
+
+
+def check_publishable(cfg: Config) -> None:
+    """The registry holds adapters: a run of ``lora.method`` last_layers or full (trained base weights) is refused."""
+    if cfg.lora.method != "lora":
+        raise ConfigError([f"lora.method: a {cfg.lora.method} run changes the base's own weights; the registry "
+                           "publishes LoRA adapters only (lora.method=lora). Its weights stay in the run folder"])
 
 
 def _read_run(run_dir: Path) -> tuple[dict, dict, list]:
@@ -142,25 +153,38 @@ def decide_gate(registry: Registry, cfg: Config, domain: str, result: dict[str, 
 
 
 def sample_answers(cfg: Config, domain: Domain, adapter_dir: Path) -> list[dict[str, str]]:
-    """The first ``audit_prompts`` held-out user prompts, answered by the base and by the adapter."""
+    """The first ``audit_prompts`` held-out user prompts, answered by the base and by the adapter (for a
+    classifier: the first held-out texts, with their true label and the labels base and adapter predict)."""
     if cfg.publish.audit_prompts == 0:
         return []
-    from lora.generate import load_with_adapter, side_by_side
+    from lora.generate import classify_side_by_side, load_with_adapter, side_by_side
     from lora.model import dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
 
+    classify = cfg.task == "sequence_classification"
     prompts = []
     for line_number, record in read_jsonl(domain.eval, domain.storage_options, hashlib.sha256()):
-        _, messages = to_messages(record, f"{domain.eval}:{line_number}")
-        prompts.append(next(m["content"] for m in reversed(messages) if m["role"] == "user"))
+        where = f"{domain.eval}:{line_number}"
+        if classify:
+            text, label = to_labelled_text(record, where, domain.labels)
+            prompts.append((text, domain.labels[label]))
+        else:
+            _, messages = to_messages(record, where)
+            prompts.append(next(m["content"] for m in reversed(messages) if m["role"] == "user"))
         if len(prompts) == cfg.publish.audit_prompts:
             break
+    import torch
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     model_dir = resolve_model_dir(cfg.model)
     backend = dispatch_backend(cfg.quant, use_gpu=False)
-    model = load_with_adapter(load_base_model(model_dir, cfg.model, cfg.quant, backend), adapter_dir)
-    return side_by_side(model, load_tokenizer(cfg.model, model_dir), prompts, cfg.publish.audit_max_new_tokens)
+    tokenizer = load_tokenizer(cfg.model, model_dir, chat=not classify)
+    torch.manual_seed(cfg.train.seed)  # the base's new classification head: initialised as in training
+    base = load_base_model(model_dir, cfg.model, cfg.quant, backend, domain.labels, tokenizer.pad_token_id)
+    model = load_with_adapter(base, adapter_dir)
+    if classify:
+        return classify_side_by_side(model, tokenizer, prompts, cfg.train.max_seq_len)
+    return side_by_side(model, tokenizer, prompts, cfg.publish.audit_max_new_tokens)
 
 
 def public_source(url: str) -> str:
@@ -194,7 +218,9 @@ def manifest_metadata(cfg: Config, result: dict, run_info: dict, audit: dict) ->
         "data": {split: {"url": audit["data"][split]["url"], "sha256": run_info["data"][split]["sha256"]}
                  for split in ("train", "eval")},
         "metrics": {"eval_loss": result["eval_loss"], "base_eval_loss": result["base_eval_loss"],
-                    "steps": result["steps"]},
+                    "steps": result["steps"]}
+                   | ({"eval_accuracy": result["eval_accuracy"], "base_eval_accuracy": result["base_eval_accuracy"]}
+                      if result.get("eval_accuracy") is not None else {}),
         "run_name": result["run_name"],
         "loramill_version": importlib.metadata.version("loramill"),
         "git_commit": _git_commit(),

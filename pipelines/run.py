@@ -21,6 +21,7 @@ def run(cfg: Config, domain_names: list[str] | None = None, *, sweep: bool = Fal
     With ``sweep``, each domain's Tune search runs first and its best trial's values train the final run; the
     audit then records the search space, the trials and the choice.
     """
+    publish.check_publishable(cfg)
     publish.open_registry(cfg)  # fail on an unreachable or misconfigured registry before hours of training
     tuned: dict[str, dict[str, Any]] = {}
     domain_configs: dict[str, Config] = {}

@@ -27,16 +27,16 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lora.config import Config, ConfigError, Domain
-from lora.data import check_file, load_examples
+from lora.data import check_file, load_examples, load_labelled_examples
 from lora.model import (
     Backend,
-    apply_lora,
     check_bitsandbytes,
     dispatch_backend,
     load_base_model,
     load_tokenizer,
     logical_model_id,
     parameter_counts,
+    prepare_trainable,
     resolve_model_dir,
     weights_sha256,
 )
@@ -68,6 +68,9 @@ class DomainResult:
     steps: int
     base_eval_loss: float
     eval_loss: float
+    eval_accuracy: float | None
+    """Held-out accuracy (sequence classification); None for causal LMs."""
+    base_eval_accuracy: float | None
     trainable_params: int
     total_params: int
     train_seconds: float
@@ -76,7 +79,7 @@ class DomainResult:
     @classmethod
     def load(cls, output_dir: Path) -> DomainResult:
         facts = json.loads((output_dir / RESULT_FILE).read_text())
-        return cls(output_dir=output_dir, **{k: facts[k] for k in cls.__dataclass_fields__ if k != "output_dir"})
+        return cls(output_dir=output_dir, **{k: facts.get(k) for k in cls.__dataclass_fields__ if k != "output_dir"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +112,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
 
 def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
-    """Load base + LoRA, resume from the session's latest checkpoint if any, train, report metrics and checkpoints."""
+    """Load the base, make trainable what ``lora.method`` says (a LoRA adapter by default), resume from the session's
+    latest checkpoint if any, train, report metrics and checkpoints."""
     _quiet_worker_logs()
     rank, world_size = session.rank, session.world_size
     if not cfg.cluster.use_gpu:
@@ -118,12 +122,13 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
 
     backend = dispatch_backend(cfg.quant, cfg.cluster.use_gpu, session.local_rank)
     model_dir = resolve_model_dir(cfg.model)
-    tokenizer = _memo(("tokenizer", cfg.model.model_dump_json(), str(model_dir)),
-                      lambda: load_tokenizer(cfg.model, model_dir))
+    chat = cfg.task == "causal_lm"
+    tokenizer = _memo(("tokenizer", cfg.model.model_dump_json(), str(model_dir), chat),
+                      lambda: load_tokenizer(cfg.model, model_dir, chat=chat))
     train_examples, train_stats = _tokenized(domain.train, domain, tokenizer, cfg)
     eval_examples, eval_stats = _tokenized(domain.eval, domain, tokenizer, cfg)
-    base_key, model = _borrow_base_model(model_dir, cfg, backend)
-    model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
+    base_key, model = _borrow_base_model(model_dir, cfg, backend, domain.labels, tokenizer.pad_token_id)
+    model = prepare_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
     trainable, total = parameter_counts(model)
 
     shard = Shard(train_examples, eval_examples[rank::world_size], rank, world_size)
@@ -141,6 +146,9 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
     base_model_id = logical_model_id(cfg.model)
     run_info = {
         "domain": domain.name,
+        "task": cfg.task,
+        "method": cfg.lora.method,
+        "labels": domain.labels,
         "base_model": {
             "id": base_model_id,
             "revision": cfg.model.revision,
@@ -203,17 +211,26 @@ def _tokenized(url: str, domain: Domain, tokenizer: Any, cfg: Config):
 
     fs, path = fsspec.core.url_to_fs(url, **domain.storage_options)
     # id(tokenizer) is stable: tokenizers are memoized too, one object per tokenizer.
-    key = ("examples", url, fs.ukey(path), id(tokenizer), cfg.train.max_seq_len, cfg.train.overlong)
+    key = ("examples", url, fs.ukey(path), id(tokenizer), cfg.train.max_seq_len, cfg.train.overlong, cfg.task,
+           tuple(domain.labels or ()))
+    if cfg.task == "sequence_classification":
+        return _memo(key, lambda: load_labelled_examples(url, domain.storage_options, tokenizer, cfg.train.max_seq_len,
+                                                         cfg.train.overlong, domain.labels))
     return _memo(key, lambda: load_examples(url, domain.storage_options, tokenizer, cfg.train.max_seq_len,
                                             cfg.train.overlong))
 
 
-def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend) -> tuple[tuple, torch.nn.Module]:
+def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend, labels: list[str] | None,
+                       pad_token_id: int) -> tuple[tuple | None, torch.nn.Module]:
     """(key, base) with this process's idle base for ``cfg`` if there is one, else a fresh load.
 
     The base leaves the cache while lent: a run that never gives it back (killed mid-step) leaves nothing
     behind, so the next run loads afresh instead of training on a base that still carries LoRA layers.
     """
+    if cfg.lora.method != "lora" or cfg.task != "causal_lm":
+        # Not given back (key None): last_layers and full train the base's own weights, and peft's unload() of a
+        # sequence classifier leaves the *trained* copy of the head in the base (modules_to_save).
+        return None, load_base_model(model_dir, cfg.model, cfg.quant, backend, labels, pad_token_id)
     key = (str(model_dir), cfg.model.revision, cfg.quant.model_dump_json(), repr(backend),
            cfg.train.gradient_checkpointing)
     base = _idle_base_models.pop(key, None)
@@ -225,7 +242,7 @@ def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend) -> 
     return key, base
 
 
-def _give_back_base_model(key: tuple, model: torch.nn.Module) -> None:
+def _give_back_base_model(key: tuple | None, model: torch.nn.Module) -> None:
     """Strip the adapter and keep the base, in the state a fresh load has, for the next run in this process.
 
     peft's ``unload()`` puts the original modules back (the same objects) and drops its ``peft_config``. A run
@@ -235,6 +252,8 @@ def _give_back_base_model(key: tuple, model: torch.nn.Module) -> None:
     packs it back in ``state_dict()`` (absmax re-quantized), lossy both ways, so every checkpoint-then-eval shifts
     the base slightly. tests/test_tune.py checks that a run on a given-back base reproduces a fresh one exactly.
     """
+    if key is None:
+        return  # a base that cannot be reused (see _borrow_base_model)
     base = getattr(model, "module", model).unload()  # .module: DDP-wrapped on multi-worker runs
     for name, (data, quant_state) in _as_loaded[key].items():
         weight = base.get_submodule(name).weight
@@ -283,6 +302,8 @@ def _progress_bar(rank: int, desc: str, total: int, done: int):
 def run_name(cfg: Config, domain: Domain) -> str:
     """Same config and data location -> same name -> Ray Train resumes that run's latest checkpoint."""
     identity = {
+        "task": cfg.task,
+        "labels": domain.labels,
         "model": cfg.model.model_dump(),
         "quant": cfg.quant.model_dump(),
         "lora": cfg.lora.model_dump(),
@@ -356,6 +377,8 @@ def collect_output(cfg: Config, domain: Domain, name: str, checkpoint: Checkpoin
         "steps": history[-1]["step"],
         "base_eval_loss": evals[0]["eval_loss"],
         "eval_loss": evals[-1]["eval_loss"],
+        "eval_accuracy": evals[-1].get("eval_accuracy"),
+        "base_eval_accuracy": evals[0].get("eval_accuracy"),
         "trainable_params": info["trainable_params"],
         "total_params": info["total_params"],
         "train_seconds": history[-1].get("train_seconds", 0.0),
@@ -380,7 +403,7 @@ def preflight(cfg: Config, domains: list[Domain]) -> None:
     """Refuse what cannot run before any Ray work starts: data, bitsandbytes, GPUs, worker sizes."""
     for domain in domains:
         for url in (domain.train, domain.eval):
-            check_file(url, domain.storage_options)
+            check_file(url, domain.storage_options, domain.labels)
     if cfg.quant.mode == "nf4":
         check_bitsandbytes()
     ensure_ray(cfg)

@@ -407,7 +407,7 @@ def plan_schedule(cfg: Config, domain: Domain) -> Schedule:
 
 def _most_steps(cfg: Config, domain: Domain) -> int:
     """``total_steps`` for an epochs-based run, counting raw examples (overlong ones are dropped only later)."""
-    examples = check_file(domain.train, domain.storage_options)
+    examples = check_file(domain.train, domain.storage_options, domain.labels)
     batches = examples // cfg.cluster.workers_per_domain // cfg.train.micro_batch_size
     return max(1, math.floor(batches * cfg.train.epochs / cfg.train.grad_accum))
 
@@ -466,6 +466,9 @@ def check_resumable(cfg: Config, domains: list[Domain], resume: bool) -> None:
 
 def run(cfg: Config, domain_names: list[str] | None = None, resume: bool = False) -> list[SweepResult]:
     """Sweep every selected domain (side by side as resources allow); the sweeps as written to ``output_dir``."""
+    if cfg.lora.method != "lora":
+        raise ConfigError([f"lora.method: {cfg.lora.method} has no rank or alpha to sweep; tune LoRA runs "
+                           "(lora.method=lora)"])
     domains = select_domains(cfg, domain_names)
     schedules = {d.name: plan_schedule(cfg, d) for d in domains}
     check_resumable(cfg, domains, resume)

@@ -97,6 +97,9 @@ def generate(
     from lora.model import dispatch_backend, load_base_model, load_tokenizer
     from lora.serve import load_adapters, use_adapter
 
+    if cfg.task != "causal_lm":
+        raise ConfigError([f"task: {cfg.task} adapters classify, they do not generate; load them with "
+                           "lora.generate.predict_labels (the audit shows sample predictions)"])
     registry = open_registry(cfg)
     fetched = [fetch(registry, domain, ref, cache_root or default_cache_root()) for domain, ref in refs]
     model_dir = resolve_model_dir(cfg.model)
