@@ -134,10 +134,17 @@ def evaluate(
     return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
 
 
+def has_adapter(model: nn.Module) -> bool:
+    """A PEFT model (``lora.method: lora``), rather than a base whose own weights train (last_layers, full)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
 def base_model_view(model: nn.Module):
     """A context in which ``model`` computes as its base: a PEFT adapter switched off. A model without one
     (``lora.method`` last_layers or full) is its own base before the first step."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    return model.disable_adapter() if has_adapter(model) else contextlib.nullcontext()
 
 
 Report = Callable[[dict[str, float], TrainState, bool], None]
@@ -210,7 +217,7 @@ def save_adapter(model: nn.Module, directory: Path, base_model_id: str) -> None:
     ``trained_weights.safetensors`` instead: its trained tensors under their names in the base.
     """
     peft_model = getattr(model, "module", model)
-    if not hasattr(peft_model, "peft_config"):
+    if not has_adapter(peft_model):
         save_trained_weights(peft_model, directory, base_model_id)
         return
     peft_model.save_pretrained(directory, safe_serialization=True)
@@ -283,7 +290,7 @@ def load_training_state(
     from safetensors.torch import load_file
 
     peft_model = getattr(model, "module", model)
-    if hasattr(peft_model, "peft_config"):
+    if has_adapter(peft_model):
         weights = load_file(directory / "adapter" / "adapter_model.safetensors",
                             device=str(next(model.parameters()).device))
         set_peft_model_state_dict(peft_model, weights)
