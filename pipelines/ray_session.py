@@ -27,10 +27,11 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     # The dashboard (~1 GiB) serves the state API that Ray Train's placement-group cleaner polls; without it
-    # the cleaner logs a warning every second.
+    # the cleaner logs a warning every second. None: started when its packages (ray[default]) are installed, as
+    # they are by `pip install loramill`; minimal Ray installs (some GPU images) still run.
     ray.init(
         num_cpus=os.cpu_count(),
-        include_dashboard=True,
+        include_dashboard=None,
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         logging_config=ray.LoggingConfig(log_level="WARNING"),
