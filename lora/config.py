@@ -125,6 +125,12 @@ class Training(Section):
     """Write a resumable checkpoint every N optimizer steps (and at the end)."""
     max_eval_examples: int | None = Field(None, gt=0)
     """Cap on held-out examples per evaluation (None: all)."""
+    fused_kernels: bool = True
+    """On CUDA, Liger's Triton kernels (fused linear cross-entropy: the logits are never materialised; RMSNorm,
+    SwiGLU, RoPE) for the architectures liger-kernel supports. Ignored on CPU or where liger-kernel is missing."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (within windows of 16 micro batches of the shuffled order), so
+    little of each micro batch is padding."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> Training:

@@ -313,19 +313,17 @@ def apply_lora(model: nn.Module, lora: LoraSettings, gradient_checkpointing: boo
     """Wrap ``model`` with a trainable LoRA adapter; raises if the trainable count is not r*(in+out) summed (plus
     the classification head of a sequence classifier, which peft trains whole)."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     targets = target_linear_layers(model, lora)
     if not targets:
         raise ConfigError([f"lora.target_modules: {lora.target_modules} matches no linear layer of the base model"])
     expected = expected_lora_parameters(model, lora)
-    if four_bit:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
+    # No peft.prepare_model_for_kbit_training for 4-bit bases: it casts every non-quantized weight (embeddings,
+    # output head, norms) to float32, for fp16 stability. In bf16 that costs memory (4 GiB for an 8B model's
+    # embeddings and head) and makes the head's matmul a float32 one, and buys nothing; on CPU the base is
+    # float32 already. Freezing the base is get_peft_model's job.
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_config = PeftLoraConfig(

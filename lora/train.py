@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,8 @@ from lora.config import Training
 from lora.data import LabelledExample, TokenizedExample, collate, epoch_order
 
 STATE_FILE = "trainer_state.pt"
+LENGTH_GROUP_WINDOW = 16
+"""Micro batches per length-sorting window (``train.group_by_length``)."""
 HISTORY_FILE = "history.json"
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"
 """What ``lora.method`` last_layers or full writes instead of a PEFT adapter: the trained tensors, by their names in
@@ -61,11 +64,34 @@ class Shard:
         per_rank = len(self.train) // self.world_size
         return per_rank // micro_batch_size
 
-    def micro_batch(self, epoch: int, index: int, micro_batch_size: int, seed: int) -> list:
-        """The same global shuffle on every rank, then a strided split, so ranks never share an example."""
+    def micro_batch(self, epoch: int, index: int, micro_batch_size: int, seed: int,
+                    group_by_length: bool = False) -> list:
+        """The same global shuffle on every rank, then a strided split, so ranks never share an example.
+
+        ``group_by_length``: each window of ``LENGTH_GROUP_WINDOW`` micro batches of that order is sorted by
+        length and cut into micro batches, which are then taken in a shuffled order: batches of similar lengths
+        (little padding), while what a window holds, and the order of the windows, stay random.
+        """
         order = epoch_order(len(self.train), epoch, seed)[self.rank :: self.world_size]
-        picked = order[index * micro_batch_size : (index + 1) * micro_batch_size]
-        return [self.train[i] for i in picked]
+        order = order[: self.batches_per_epoch(micro_batch_size) * micro_batch_size]  # whole micro batches only
+        start = index * micro_batch_size
+        if not group_by_length:
+            return [self.train[i] for i in order[start : start + micro_batch_size]]
+        window_size = micro_batch_size * LENGTH_GROUP_WINDOW
+        window_start = start // window_size * window_size
+        window = sorted(order[window_start : window_start + window_size], key=lambda i: len(self.train[i].input_ids))
+        batches = [window[k : k + micro_batch_size] for k in range(0, len(window), micro_batch_size)]
+        random.Random(f"{seed}/{epoch}/{window_start}").shuffle(batches)
+        return [self.train[i] for i in batches[(start - window_start) // micro_batch_size]]
+
+    def padding_fraction(self, micro_batch_size: int, seed: int, group_by_length: bool) -> float:
+        """Share of the tokens in one epoch's micro batches that are padding (what the model processes for nothing)."""
+        padded = real = 0
+        for index in range(self.batches_per_epoch(micro_batch_size)):
+            lengths = [len(e.input_ids) for e in self.micro_batch(0, index, micro_batch_size, seed, group_by_length)]
+            padded += max(lengths) * len(lengths)
+            real += sum(lengths)
+        return 1 - real / padded if padded else 0.0
 
 
 def total_steps(shard: Shard, cfg: Training) -> int:
@@ -185,7 +211,8 @@ def train(
         for _ in range(cfg.grad_accum):
             if state.batch_in_epoch >= batches:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            micro = shard.micro_batch(state.epoch, state.batch_in_epoch, cfg.micro_batch_size, cfg.seed)
+            micro = shard.micro_batch(state.epoch, state.batch_in_epoch, cfg.micro_batch_size, cfg.seed,
+                                      cfg.group_by_length)
             state.batch_in_epoch += 1
             batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
             loss = model(**batch).loss / cfg.grad_accum

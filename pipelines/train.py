@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lora.config import Config, ConfigError, Domain
 from lora.data import check_file, load_examples, load_labelled_examples
+from lora.fast import use_fused_kernels
 from lora.model import (
     Backend,
     check_bitsandbytes,
@@ -128,6 +129,7 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
     train_examples, train_stats = _tokenized(domain.train, domain, tokenizer, cfg)
     eval_examples, eval_stats = _tokenized(domain.eval, domain, tokenizer, cfg)
     base_key, model = _borrow_base_model(model_dir, cfg, backend, domain.labels, tokenizer.pad_token_id)
+    kernels = use_fused_kernels(model, backend) if cfg.train.fused_kernels else "none: train.fused_kernels=false"
     model = prepare_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
     trainable, total = parameter_counts(model)
 
@@ -165,6 +167,7 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
             "cpus_per_worker": cfg.cluster.cpus_per_worker,
         },
         "compute_dtype": str(backend.compute_dtype).removeprefix("torch."),
+        "kernels": kernels,
     }
 
     def report(metrics: dict[str, float], state: TrainState, save: bool) -> None:

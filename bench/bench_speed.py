@@ -1,0 +1,133 @@
+"""Training throughput of loramill's own step next to the plain transformers + peft + bitsandbytes path.
+
+The plain path is ../shared/gpu/hf_baseline.py, copied unchanged to bench/reference/. loramill's side runs the
+functions a Ray Train worker of `loramill train` runs (dispatch_backend, load_base_model, use_fused_kernels,
+prepare_trainable, build_optimizer, lora.train.train), on the same shapes: random-weight Llama checkpoints
+(bench/random_checkpoint.py), micro batch 4 x 2048 random tokens, LoRA r=16 / alpha 32 on every linear layer
+but the head, gradient checkpointing, AdamW. tokens/s over the timed steps after 3 warm-up steps; peak GiB is
+torch.cuda.max_memory_allocated from loading to the end. Each row runs with the same CUDA context, one at a time.
+
+    python bench/bench_speed.py [--shapes llama-1b llama-8b] [--modes qlora lora] [--steps 8] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
+
+import hf_baseline  # noqa: E402
+from random_checkpoint import make_checkpoint  # noqa: E402
+
+from lora.config import LoraSettings, ModelSource, Quantization, Training  # noqa: E402
+from lora.data import TokenizedExample  # noqa: E402
+from lora.fast import use_fused_kernels  # noqa: E402
+from lora.model import dispatch_backend, load_base_model, parameter_counts, prepare_trainable  # noqa: E402
+from lora.train import Shard, TrainState, build_optimizer, train  # noqa: E402
+
+WARMUP = 3
+
+
+def loramill_step(path: Path, quant: bool, fused: bool, batch: int, seq: int, steps: int, r: int) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    quantization = Quantization(mode="nf4" if quant else "none")
+    backend = dispatch_backend(quantization, use_gpu=True)
+    model = load_base_model(path, ModelSource(id=str(path)), quantization, backend)
+    kernels = use_fused_kernels(model, backend) if fused else "none"
+    lora = LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules="all-linear")
+    cfg = Training(max_steps=WARMUP + steps, learning_rate=1e-4, lr_schedule="constant", micro_batch_size=batch,
+                   max_seq_len=seq, gradient_checkpointing=True, eval_every=10**6, checkpoint_every=10**6,
+                   max_eval_examples=1, fused_kernels=fused, group_by_length=False)
+    model = prepare_trainable(model, lora, cfg.gradient_checkpointing, backend.four_bit)
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for _ in range(batch * (WARMUP + steps)):
+        ids = torch.randint(0, vocab, (seq,), generator=generator).tolist()
+        examples.append(TokenizedExample(input_ids=ids, labels=ids))
+    shard = Shard(examples, examples[:1], rank=0, world_size=1)
+    optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
+    stamps: dict[int, float] = {}
+
+    def progress(step: int) -> None:
+        torch.cuda.synchronize()
+        stamps[step] = time.perf_counter()
+
+    state = train(model, optimizer, scheduler, shard, cfg, TrainState(), lambda *a: None,
+                  pad_id=0, device=backend.device, progress=progress)
+    seconds = stamps[WARMUP + steps] - stamps[WARMUP]
+    trainable, _ = parameter_counts(model)
+    result = dict(system="loramill" if fused else "loramill-unfused", path=path.name, quant=quant, bs=batch, seq=seq,
+                  r=r, tok_s=round(batch * seq * steps / seconds), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                  trainable=trainable, step_s=round(seconds / steps, 3), kernels=kernels,
+                  last_train_loss=round(state.history[-1]["train_loss"], 4))
+    print(json.dumps(result), flush=True)
+    del model, optimizer, scheduler, state
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["llama-1b", "llama-8b"])
+    parser.add_argument("--modes", nargs="+", default=["qlora", "lora"], choices=["qlora", "lora"])
+    parser.add_argument("--systems", nargs="+", default=["plain", "loramill-unfused", "loramill"])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--tokenizer", type=Path, default=None)
+    parser.add_argument("--root", type=Path, default=Path("/tmp/ckpt"))
+    parser.add_argument("--out", type=Path, default=None, help="markdown table to write")
+    args = parser.parse_args()
+    args.root.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for shape in args.shapes:
+        path = make_checkpoint(shape, args.root, args.tokenizer)
+        for mode in args.modes:
+            quant = mode == "qlora"
+            for system in args.systems:
+                try:
+                    if system == "plain":
+                        row = hf_baseline.run(str(path), quant, bs=4, seq=2048, steps=args.steps, gc_on=True) | {"system": "plain"}
+                    else:
+                        row = loramill_step(path, quant, system == "loramill", 4, 2048, args.steps, 16)
+                except Exception as e:  # one failing row (out of memory, a kernel) must not lose the others
+                    row = dict(system=system, path=shape, quant=quant, error=f"{type(e).__name__}: {e}"[:300])
+                    print(json.dumps(row), flush=True)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                rows.append(row | {"shape": shape, "mode": mode})
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; batch 4 x 2048, r=16 all-linear, "
+             "gradient checkpointing", "",
+             "| shape | mode | system | tokens/s | peak GiB | vs plain tok/s | vs plain memory | kernels |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    plain = {(r["shape"], r["mode"]): r for r in rows if r["system"] == "plain" and "tok_s" in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['mode']} | {r['system']} | error: {r['error']} | | | | |")
+            continue
+        base = plain.get((r["shape"], r["mode"]))
+        speed = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-"
+        memory = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base else "-"
+        lines.append(f"| {r['shape']} | {r['mode']} | {r['system']} | {r['tok_s']:,} | {r['peak_gib']} | {speed} | "
+                     f"{memory} | {r.get('kernels', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The fast path's parts that run everywhere: kernels fall back on CPU, and length-grouped batching (less padding,
+same examples). The CUDA side (Liger kernels against the plain modules) is in tests/test_gpu.py."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora.config import LoraSettings, ModelSource, Quantization, load_config
+from lora.data import TokenizedExample, load_examples
+from lora.fast import use_fused_kernels
+from lora.model import apply_lora, dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
+from lora.train import Shard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_fused_kernels_fall_back_on_cpu_and_leave_the_model_as_it_was(tiny_model_dir):
+    backend = dispatch_backend(Quantization(mode="none"), use_gpu=False)
+    model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), Quantization(mode="none"), backend)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids, labels=ids).loss
+
+    assert use_fused_kernels(model, backend) == "none: Triton kernels need CUDA"
+    model = apply_lora(model, LoraSettings(r=4), gradient_checkpointing=False, four_bit=False)
+    with model.disable_adapter():
+        assert torch.equal(model(input_ids=ids, labels=ids).loss, before)
+
+
+def _examples(lengths: list[int]) -> list[TokenizedExample]:
+    return [TokenizedExample(input_ids=[index] * n, labels=[index] * n) for index, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_length_grouping_keeps_every_example_once_per_epoch_and_ranks_apart(world_size):
+    lengths = [int(n) for n in torch.randint(10, 400, (203,), generator=torch.Generator().manual_seed(1))]
+    examples = _examples(lengths)
+    seen_by_rank = []
+    for rank in range(world_size):
+        shard = Shard(examples, [], rank, world_size)
+        for group in (False, True):
+            seen = [e.input_ids[0] for i in range(shard.batches_per_epoch(4)) for e in shard.micro_batch(2, i, 4, 7, group)]
+            assert len(seen) == len(set(seen)) == shard.batches_per_epoch(4) * 4
+            if group:
+                assert set(seen) == set(plain_seen)  # the same examples as ungrouped, in another order
+            plain_seen = seen
+        seen_by_rank.append(set(seen))
+    assert sum(len(s) for s in seen_by_rank) == len(set().union(*seen_by_rank))  # no example on two ranks
+    # Deterministic: a resumed run sees the same micro batch at the same position.
+    assert Shard(examples, [], 0, world_size).micro_batch(2, 5, 4, 7, True) == Shard(
+        examples, [], 0, world_size).micro_batch(2, 5, 4, 7, True)
+
+
+def test_length_grouping_pads_at_most_five_percent_of_the_bundled_domains():
+    cfg = load_config(REPO / "configs" / "default.yaml", [])
+    tokenizer = load_tokenizer(cfg.model, resolve_model_dir(cfg.model))
+    for domain in cfg.domains:
+        examples, _ = load_examples(domain.train, {}, tokenizer, cfg.train.max_seq_len, cfg.train.overlong)
+        shard = Shard(examples, [], 0, 1)
+        for micro_batch_size in (4, 8):
+            grouped = shard.padding_fraction(micro_batch_size, cfg.train.seed, group_by_length=True)
+            plain = shard.padding_fraction(micro_batch_size, cfg.train.seed, group_by_length=False)
+            assert grouped <= 0.05, (domain.name, micro_batch_size, grouped)
+            assert grouped < plain / 3, (domain.name, micro_batch_size, grouped, plain)
