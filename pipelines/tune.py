@@ -219,10 +219,14 @@ def trial_resources(cfg: Config, domain: Domain) -> PlacementGroupFactory:
 def build_tuner(cfg: Config, domain: Domain, schedule: Schedule, concurrency: int, resume: bool) -> Tuner:
     """A new Tuner for this domain's sweep, or the interrupted one restored (finished trials stay finished)."""
     path, filesystem = experiment_path(cfg, domain)
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(tune_trial, cfg_dict=cfg.model_dump(), domain_name=domain.name),
+    # Registered under the sweep's own name: Tune keeps trainables in a job-wide registry keyed by name, and a
+    # function's name ("tune_trial") is the same in every sweep task, so domains swept side by side ran whichever
+    # registered last: each other's data (seen on a GPU node, where the sweeps queue for the GPU).
+    trainable = path.rsplit("/", 1)[1]
+    ray.tune.register_trainable(trainable, ray.tune.with_resources(
+        functools.partial(tune_trial, cfg_dict=cfg.model_dump(), domain_name=domain.name),
         trial_resources(cfg, domain),
-    )
+    ))
     if resume and Tuner.can_restore(path, storage_filesystem=filesystem):
         return Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                              storage_filesystem=filesystem)

@@ -184,3 +184,16 @@ def test_trial_config_and_experiment_name(tiny_config_file):
     capped = load_config(tiny_config_file(**SWEEP), ["tune.max_concurrent_trials=2"])
     assert tune.experiment_name(capped, domain) == name  # resuming with another cap is the same sweep
     assert tune.experiment_name(load_config(tiny_config_file(**SWEEP), ["tune.ranks=[8]"]), domain) != name
+
+
+def test_domains_swept_side_by_side_each_train_their_own_data(ray_cluster, tiny_config_file):
+    one_trial = {"search": "grid", "ranks": [2], "alphas": [2.0], "learning_rates": [1e-2], "max_concurrent_trials": 1}
+    config = tiny_config_file(domains=("medical", "legal"), tune=one_trial,
+                              train={"max_steps": 2, "eval_every": 1, "checkpoint_every": 2})
+    result = invoke("tune", config)
+    assert result.exit_code == 0, result.output
+    for domain in ("medical", "legal"):
+        experiment = read_json(config.parent / f"output/{domain}/tune/tune_results.json")["experiment"]
+        [run_info] = [read_json(p) for p in Path(experiment).glob("*/checkpoint_*/run_info.json")]
+        assert run_info["domain"] == domain
+        assert f"/{domain}/" in run_info["data"]["train"]["url"]  # the data it trained on, not the other sweep's
