@@ -28,6 +28,7 @@ from common import REPO, loramill, machine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORK = REPO / ".loramill" / "quality" / "smollm2"
+REGISTRY = Path("/tmp/loramill-quality-smollm2-registry")  # file:// registries refuse hidden folders (.loramill)
 PROMPTS_PER_DOMAIN = 3
 MAX_NEW_TOKENS = 64
 
@@ -39,7 +40,7 @@ def bench_config() -> Path:
         for split in ("train", "eval"):
             domain[split] = str((REPO / "configs" / domain[split]).resolve())
     raw["cluster"] |= {"output_dir": str(WORK / "output"), "storage_url": str(WORK / "runs")}
-    raw["publish"] |= {"registry": f"file://{WORK}/registry", "audit_prompts": 0}
+    raw["publish"] |= {"registry": f"file://{REGISTRY}", "audit_prompts": 0}
     path = WORK / "default-bench.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -72,7 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args()
     started = time.time()
-    shutil.rmtree(WORK, ignore_errors=True)  # this script's own scratch folder: every run starts fresh
+    for scratch in (WORK, REGISTRY):  # this script's own scratch folders: every run starts fresh
+        shutil.rmtree(scratch, ignore_errors=True)
     WORK.mkdir(parents=True)
     log = WORK / "loramill.log"
     config = bench_config()
