@@ -254,9 +254,32 @@ def build_tuner(cfg: Config, domain: Domain, schedule: Schedule, concurrency: in
             name=path.rsplit("/", 1)[1], storage_path=path.rsplit("/", 1)[0], storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),  # as the train stage: enough to resume a trial
+            callbacks=[AshaRungs(scheduler)],
             verbose=1,
         ),
     )
+
+
+class AshaRungs(ray.tune.Callback):
+    """Carries ASHA's rungs across ``tune --resume``.
+
+    Ray Tune checkpoints a sweep's searcher and callbacks with the experiment, not its scheduler: a restored sweep
+    would rank the trials still to run against empty rungs, i.e. only against each other. Tune does restore a
+    callback's state, and this callback holds the very scheduler object of the restored Tuner (both are pickled
+    together in the Tuner's state), so it writes the saved rungs back into it. ASHA has no public accessor for its
+    rungs, hence ``_brackets``/``_rungs`` (ray is pinned).
+    """
+
+    def __init__(self, scheduler: ASHAScheduler):
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict[str, Any]:
+        return {"rungs": [[dict(recorded) for _, recorded in bracket._rungs] for bracket in self.scheduler._brackets]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for bracket, saved in zip(self.scheduler._brackets, state["rungs"], strict=True):
+            for (_, recorded), values in zip(bracket._rungs, saved, strict=True):
+                recorded.update(values)
 
 
 @ray.remote(num_cpus=0)  # a task blocked in Tune's loop needs no CPU; a share would keep a trial from fitting

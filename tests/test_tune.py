@@ -197,3 +197,41 @@ def test_domains_swept_side_by_side_each_train_their_own_data(ray_cluster, tiny_
         [run_info] = [read_json(p) for p in Path(experiment).glob("*/checkpoint_*/run_info.json")]
         assert run_info["domain"] == domain
         assert f"/{domain}/" in run_info["data"]["train"]["url"]  # the data it trained on, not the other sweep's
+
+
+def test_asha_rungs_survive_a_resume():
+    """What Tune does on --resume, by hand: the Tuner's state (scheduler and callbacks, pickled together before any
+    result) is unpickled, then the callbacks' saved state is set. A weak trial started after the resume must meet the
+    rungs the finished trials left, as it would have without the interruption."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    def asha_and_callback():
+        scheduler = tune.ASHAScheduler(time_attr=tune.STEP, max_t=8, grace_period=2, reduction_factor=2,
+                                       stop_last_trials=False, metric=tune.METRIC, mode="min")
+        return scheduler, tune.AshaRungs(scheduler)
+
+    def report(scheduler, trial_id, step, loss):
+        trial = SimpleNamespace(trial_id=trial_id)
+        if step == 1:
+            scheduler.on_trial_add(None, trial)
+        return scheduler.on_trial_result(None, trial, {tune.STEP: step, tune.METRIC: loss})
+
+    scheduler, callback = asha_and_callback()
+    tuner_state = pickle.dumps((scheduler, callback))  # as Tuner saves it when the sweep starts
+    for trial_id, loss in (("a", 1.0), ("b", 1.5)):
+        for step in range(1, 9):
+            report(scheduler, trial_id, step, loss / step)
+    saved = callback.get_state()
+
+    restored_scheduler, restored_callback = pickle.loads(tuner_state)
+    restored_callback.set_state(saved)
+    assert restored_callback.get_state() == saved
+    assert report(restored_scheduler, "weak", 1, 9.0) == TrialScheduler.CONTINUE
+    assert report(restored_scheduler, "weak", 2, 8.0) == TrialScheduler.STOP  # below the cut at rung 2
+
+    fresh_scheduler, _ = pickle.loads(tuner_state)  # without the callback's state: empty rungs, nothing to beat
+    report(fresh_scheduler, "weak", 1, 9.0)
+    assert report(fresh_scheduler, "weak", 2, 8.0) == TrialScheduler.CONTINUE
