@@ -294,6 +294,23 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings, gradient_checkpointi
     return model
 
 
+def keep_4bit_layers_differentiable(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking in a model that is going to be trained.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight for its CPU inference kernel at the
+    first eval-mode forward, and from then on every forward, in train mode too, runs that kernel, which has no
+    backward: the gradient stops at every frozen 4-bit layer (torch only warns "gemv_4bit: an autograd kernel was
+    not registered"). Training evaluates the base at step 0 and then every ``eval_every`` steps, so after the first
+    evaluation the LoRA weights got the gradient of a different function. tests/test_model.py checks that
+    the gradients are the same before and after an evaluation.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def last_layer_modules(model: nn.Module, count: int) -> list[nn.Module]:
     """The last ``count`` transformer blocks, and what lies between them and the output: the pooler and the
     classification head of a sequence classifier. The blocks are the model's longest ``nn.ModuleList``
@@ -323,6 +340,8 @@ def apply_lora(model: nn.Module, lora: LoraSettings, gradient_checkpointing: boo
     # output head, norms) to float32, for fp16 stability. In bf16 that costs memory (4 GiB for an 8B model's
     # embeddings and head) and makes the head's matmul a float32 one, and buys nothing; on CPU the base is
     # float32 already. Freezing the base is get_peft_model's job.
+    if four_bit:
+        keep_4bit_layers_differentiable(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -6,7 +6,6 @@ domains run side by side and Tune can call the same function per trial); ``run``
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import platform
@@ -198,8 +197,6 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
 
 _memos: dict[tuple, Any] = {}
 _idle_base_models: dict[tuple, torch.nn.Module] = {}
-_as_loaded: dict[tuple, dict[str, Any]] = {}
-"""The 4-bit weights of the base model under each key, as loaded (CPU only; see ``_give_back_base_model``)."""
 
 
 def _memo(key: tuple, load: Callable[[], Any]) -> Any:
@@ -240,8 +237,6 @@ def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend, lab
     if base is None:
         _idle_base_models.clear()  # one base per process: a different one replaces it, memory stays flat
         base = load_base_model(model_dir, cfg.model, cfg.quant, backend)
-        _as_loaded.clear()
-        _as_loaded[key] = _four_bit_weights(base) if backend.device.type == "cpu" else {}
     return key, base
 
 
@@ -249,30 +244,17 @@ def _give_back_base_model(key: tuple | None, model: torch.nn.Module) -> None:
     """Strip the adapter and keep the base, in the state a fresh load has, for the next run in this process.
 
     peft's ``unload()`` puts the original modules back (the same objects) and drops its ``peft_config``. A run
-    changes the base in three more ways, undone here: train mode; the input-grad hook that ``apply_lora`` adds for
-    gradient checkpointing without 4-bit (it would add another); and, on CPUs with AVX512-BF16, the 4-bit weights
-    themselves: bitsandbytes 0.50 repacks a Linear4bit at its first eval-mode forward (absmax cast to bfloat16) and
-    packs it back in ``state_dict()`` (absmax re-quantized), lossy both ways, so every checkpoint-then-eval shifts
-    the base slightly. tests/test_tune.py checks that a run on a given-back base reproduces a fresh one exactly.
+    changes the base in two more ways, undone here: train mode, and the input-grad hook that ``apply_lora`` adds for
+    gradient checkpointing without 4-bit (it would add another). Its 4-bit weights stay as loaded: the run kept
+    bitsandbytes from repacking them (``keep_4bit_layers_differentiable``). tests/test_tune.py checks that a run on
+    a given-back base reproduces a fresh one exactly.
     """
     if key is None:
         return  # a base that cannot be reused (see _borrow_base_model)
     base = getattr(model, "module", model).unload()  # .module: DDP-wrapped on multi-worker runs
-    for name, (data, quant_state) in _as_loaded[key].items():
-        weight = base.get_submodule(name).weight
-        weight.data, weight.quant_state = data.clone(), copy.deepcopy(quant_state)
     base.disable_input_require_grads()
     base.eval()
     _idle_base_models[key] = base
-
-
-def _four_bit_weights(model: torch.nn.Module) -> dict[str, Any]:
-    """module name -> (packed 4-bit weight, quant state), copied: what ``_give_back_base_model`` restores."""
-    return {
-        name: (module.weight.data.clone(), copy.deepcopy(module.weight.quant_state))
-        for name, module in model.named_modules()
-        if getattr(getattr(module, "weight", None), "quant_state", None) is not None
-    }
 
 
 def _quiet_worker_logs() -> None:

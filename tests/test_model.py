@@ -35,6 +35,30 @@ def test_nf4_base_is_really_4bit_on_cpu(tiny_model_dir):
     assert all(m.weight.quant_state.quant_type == "nf4" for m in four_bit_layers)
 
 
+
+def test_4bit_gradients_are_the_same_after_an_evaluation(tiny_model_dir):
+    """Training evaluates between steps. On CPUs with AVX512-BF16 bitsandbytes 0.50 would repack the 4-bit weights
+    at the first eval-mode forward into a format whose kernel has no backward, and every later training step's
+    gradient would stop at the frozen 4-bit layers (on other CPUs and on CUDA this holds either way)."""
+    model, _ = load(tiny_model_dir)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def lora_gradients():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    before = lora_gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = lora_gradients()
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], msg=name)
+
+
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
 def test_trainable_count_is_r_times_in_plus_out(tiny_model_dir, targets):
     # tiny Llama: hidden 64, intermediate 128, 4 heads of 16, 2 kv heads -> k/v project 64 -> 32
