@@ -8,7 +8,7 @@
 
 Writes bench/quality/qlora_parity.md and bench/quality/learning.md.
 
-    .venv/bin/python bench/quality/smollm2_domains.py     # ~25 min on 2 CPU cores
+    .venv/bin/python bench/quality/smollm2_domains.py     # ~20 min on 2 CPU cores
 """
 
 from __future__ import annotations
