@@ -430,7 +430,10 @@ def schedule(
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # `kill` and Kubernetes stop with SIGTERM: leave as cleanly as on Ctrl-C
 
+    # SIGINT too: a shell starts background jobs (`loramill schedule ... &`) with SIGINT ignored, and Python then
+    # leaves it ignored, so `kill -INT` would not stop the loop.
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         schedule_stage.loop(cfg, domain, lock_ttl_s=lock_ttl, echo=echo)
     except KeyboardInterrupt:
