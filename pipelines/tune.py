@@ -219,16 +219,16 @@ def trial_resources(cfg: Config, domain: Domain) -> PlacementGroupFactory:
 def build_tuner(cfg: Config, domain: Domain, schedule: Schedule, concurrency: int, resume: bool) -> Tuner:
     """A new Tuner for this domain's sweep, or the interrupted one restored (finished trials stay finished)."""
     path, filesystem = experiment_path(cfg, domain)
+    storage_path, experiment = path.rsplit("/", 1)
     # Registered under the sweep's own name: Tune keeps trainables in a job-wide registry keyed by name, and a
     # function's name ("tune_trial") is the same in every sweep task, so domains swept side by side ran whichever
     # registered last: each other's data (seen on a GPU node, where the sweeps queue for the GPU).
-    trainable = path.rsplit("/", 1)[1]
-    ray.tune.register_trainable(trainable, ray.tune.with_resources(
+    ray.tune.register_trainable(experiment, ray.tune.with_resources(
         functools.partial(tune_trial, cfg_dict=cfg.model_dump(), domain_name=domain.name),
         trial_resources(cfg, domain),
     ))
     if resume and Tuner.can_restore(path, storage_filesystem=filesystem):
-        return Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+        return Tuner.restore(path, experiment, resume_unfinished=True, resume_errored=True,
                              storage_filesystem=filesystem)
     settings = cfg.tune
     if settings.search == "optuna":
@@ -242,7 +242,7 @@ def build_tuner(cfg: Config, domain: Domain, schedule: Schedule, concurrency: in
                               reduction_factor=settings.reduction_factor, stop_last_trials=False)
     name = functools.partial(trial_name, domain.name)
     return Tuner(
-        trainable,
+        experiment,
         param_space=search_space(settings),
         tune_config=TuneConfig(
             metric=METRIC, mode="min", search_alg=search_alg, scheduler=scheduler,
@@ -251,7 +251,7 @@ def build_tuner(cfg: Config, domain: Domain, schedule: Schedule, concurrency: in
             trial_name_creator=name, trial_dirname_creator=name,
         ),
         run_config=RunConfig(
-            name=path.rsplit("/", 1)[1], storage_path=path.rsplit("/", 1)[0], storage_filesystem=filesystem,
+            name=experiment, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),  # as the train stage: enough to resume a trial
             callbacks=[AshaRungs(scheduler)],

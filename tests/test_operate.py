@@ -273,12 +273,15 @@ def test_schedule_loop_waits_for_the_cron_time_and_stops_cleanly(tiny_config_fil
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "schedule", str(config)], cwd=REPO,
                                    stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
-    while "next: medical at" not in log.read_text():
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
-    process.send_signal(stop)
-    assert process.wait(timeout=30) == 0, log.read_text()
+    try:
+        deadline = time.monotonic() + 120
+        while "next: medical at" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        process.send_signal(stop)
+        assert process.wait(timeout=30) == 0, log.read_text()
+    finally:
+        process.kill()  # a no-op once it has exited; otherwise it would outlive a failed test
     text = log.read_text()
     assert f"next: medical at {datetime.now(UTC).year + 1}-01-01 00:00 UTC" in text
     assert "scheduler stopped" in text and "Traceback" not in text
