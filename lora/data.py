@@ -256,14 +256,19 @@ def load_examples(
         stats.target_tokens += sum(label != IGNORE_INDEX for label in example.labels)
     stats.sha256 = digest.hexdigest()
     stats.examples_kept = len(examples)
+    refuse_empty(stats, examples, max_seq_len, "examples")
+    return examples, stats
+
+
+def refuse_empty(stats: DataStats, examples: list, max_seq_len: int, what: str) -> None:
+    """``DataError`` for a file with no records, or whose every record was dropped as overlong."""
     if stats.examples_read == 0:
-        raise DataError(f"{redact_url(url)}: empty dataset (no examples); add JSONL lines or fix the path")
+        raise DataError(f"{stats.url}: empty dataset (no examples); add JSONL lines or fix the path")
     if not examples:
         raise DataError(
-            f"{stats.url}: all {stats.examples_read} examples are longer than train.max_seq_len={max_seq_len}; "
+            f"{stats.url}: all {stats.examples_read} {what} are longer than train.max_seq_len={max_seq_len}; "
             "raise max_seq_len or set train.overlong=truncate"
         )
-    return examples, stats
 
 
 def load_labelled_examples(
@@ -289,13 +294,7 @@ def load_labelled_examples(
     stats.sha256 = digest.hexdigest()
     stats.examples_kept = stats.formats["classification"] = len(examples)
     stats.target_tokens = len(examples)  # one prediction per example
-    if stats.examples_read == 0:
-        raise DataError(f"{redact_url(url)}: empty dataset (no examples); add JSONL lines or fix the path")
-    if not examples:
-        raise DataError(
-            f"{stats.url}: all {stats.examples_read} texts are longer than train.max_seq_len={max_seq_len}; "
-            "raise max_seq_len or set train.overlong=truncate"
-        )
+    refuse_empty(stats, examples, max_seq_len, "texts")
     return examples, stats
 
 

@@ -105,13 +105,18 @@ def tiny_config_file(tmp_path, tiny_model_dir, small_data):
                         "output_dir": str(tmp_path / "output")},
             "domains": [_domain_entry(d, small_data) for d in domains],
         }
-        for section, values in sections.items():
-            raw[section] = raw.get(section, {}) | values
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        return path
+        return write_config(tmp_path, raw, sections)
 
     return write
+
+
+def write_config(folder: Path, raw: dict, sections: dict) -> Path:
+    """``raw`` with each of ``sections`` merged into its section, written to ``folder/config.yaml``."""
+    for section, values in sections.items():
+        raw[section] = raw.get(section, {}) | values
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def read_json(path: Path):

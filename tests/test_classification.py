@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from lora.config import Config, ConfigError, LoraSettings, ModelSource, Quantization, load_config
 from lora.model import dispatch_backend, load_base_model, load_tokenizer, prepare_trainable
 from pipelines.cli import app
+from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -75,11 +75,7 @@ def classifier_config(tmp_path, tiny_encoder_dir):
                          "eval": str(write_jsonl(tmp_path / "data/eval.jsonl", reviews(16, seed=2))),
                          "intended_use": "tests", "limitations": "a tiny random encoder"}],
         }
-        for section, values in sections.items():
-            raw[section] = raw.get(section, {}) | values
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        return path
+        return write_config(tmp_path, raw, sections)
 
     return write
 
