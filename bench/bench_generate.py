@@ -134,7 +134,7 @@ def adapter_and_model(args: argparse.Namespace, use_gpu: bool):
     if args.ref:
         from lora.config import load_config
         from pipelines import use
-        from pipelines.publish import open_registry
+        from pipelines.registry_access import open_registry
 
         cfg = load_config(args.config)
         domain, _, ref = args.ref.partition("@")

@@ -32,9 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
-import botocore.exceptions
+from lora.redact import scrub
 
 BUCKET = "loramill"
 HOST = "127.0.0.1"
@@ -308,6 +306,12 @@ def _spawn(root: Path, ports: dict[str, int]) -> int:
 
 def _wait_ready(root: Path, info: StoreInfo, timeout_s: float) -> None:
     """Poll with real S3 calls until a PUT works: the S3 port opens before the volume server has registered."""
+    # Imported here: boto3 takes a while to load, and `store status`/`down` and the CLI's error handling never
+    # need it.
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
     client = boto3.client(
         "s3",
         endpoint_url=info.endpoint_url,
@@ -339,6 +343,8 @@ def _wait_ready(root: Path, info: StoreInfo, timeout_s: float) -> None:
 
 
 def _ensure_bucket(client: Any, bucket: str) -> None:
+    import botocore.exceptions
+
     try:
         client.head_bucket(Bucket=bucket)
     except botocore.exceptions.ClientError as exc:
@@ -352,7 +358,7 @@ def _log_tail(root: Path, secret: str, lines: int = 30) -> str:
         tail = (root / "weed.log").read_text(errors="replace").splitlines()[-lines:]
     except OSError:
         return f"(no log at {root / 'weed.log'})"
-    text = "\n".join(tail).replace(secret, "***")
+    text = scrub("\n".join(tail), [secret])
     return f"last {len(tail)} lines of {root / 'weed.log'}:\n{text}"
 
 

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+from lora.names import NAME_PATTERN, NAME_RULE
+
 BUILTIN_MODELS = ("builtin:smollm2-135m-instruct", "builtin:all-minilm-l6-v2")
 
 
@@ -429,7 +430,7 @@ def format_validation_error(error: ValidationError) -> list[str]:
         path = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "string_pattern_mismatch":
-            message = f"{item['input']!r} is not a valid name: use lowercase letters, digits, '-' or '_' (max 64)"
+            message = f"{item['input']!r} is not a valid name: use {NAME_RULE}"
         elif item["type"] == "extra_forbidden":
             message = "unknown key; remove it or check its spelling (see the config reference in README.md)"
         elif item["type"] == "missing":

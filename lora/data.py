@@ -21,13 +21,12 @@ from typing import Any
 
 import torch
 
+from lora.errors import DataError
+from lora.redact import redact_url, scrub_url
+
 IGNORE_INDEX = -100
 MAX_LINE_BYTES = 1 << 20
 """A single example over 1 MiB is malformed input, not a training example: refuse it before parsing."""
-
-
-class DataError(ValueError):
-    """Bad training data; the message names the file, the line when there is one, and the fix."""
 
 
 @dataclass
@@ -104,7 +103,7 @@ def read_jsonl(url: str, storage_options: dict[str, Any], digest: Any) -> Iterat
         raise
     except Exception as e:  # unreachable server, unknown protocol, refused credentials: bad input, not a crash
         raise DataError(
-            f"{shown}: cannot read the data ({type(e).__name__}: {_scrub(str(e), url)}); check the URL, "
+            f"{shown}: cannot read the data ({type(e).__name__}: {scrub_url(str(e), url)}); check the URL, "
             "that its server is up, and the domain's storage_options"
         ) from None
 
@@ -187,14 +186,16 @@ def to_labelled_text(record: dict[str, Any], where: str, labels: list[str]) -> t
     return text, labels.index(label)
 
 
-def check_file(url: str, storage_options: dict[str, Any], labels: list[str] | None = None) -> int:
+def check_file(url: str, storage_options: dict[str, Any], labels: list[str] | None = None,
+               digest: Any = None) -> int:
     """Read and validate every record of ``url`` without tokenizing; the number of examples. Raises ``DataError``.
 
     ``labels``: the domain's class labels for sequence classification; None for chat/instruction records.
+    ``digest`` (a hashlib object) is fed every byte read: the file's fingerprint, as training records it.
     Run on the driver before any Ray work starts, so bad data fails in seconds with its file and line.
     """
     count = 0
-    for line_number, record in read_jsonl(url, storage_options, hashlib.sha256()):
+    for line_number, record in read_jsonl(url, storage_options, digest or hashlib.sha256()):
         where = f"{redact_url(url)}:{line_number}"
         if labels is None:
             to_messages(record, where)
@@ -296,24 +297,6 @@ def load_labelled_examples(
     stats.target_tokens = len(examples)  # one prediction per example
     refuse_empty(stats, examples, max_seq_len, "texts")
     return examples, stats
-
-
-def redact_url(url: str) -> str:
-    """The URL without any ``user:password@`` part: data sources are published, credentials never are."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    if sep and "@" in netloc:
-        # The host follows the last '@' (as urllib reads it): a password may hold '@' itself.
-        rest = netloc.rpartition("@")[2] + slash + path
-    return f"{scheme}{sep}{rest}"
-
-
-def _scrub(text: str, url: str) -> str:
-    """``text`` (an error from fsspec or a server) with the ``user:password`` part of ``url`` masked."""
-    netloc = url.partition("://")[2].partition("/")[0]
-    userinfo = netloc.rpartition("@")[0]
-    text = text.replace(url, redact_url(url))
-    return text.replace(userinfo, "***") if userinfo else text
 
 
 def collate(examples: list[TokenizedExample] | list[LabelledExample], pad_token_id: int) -> dict[str, torch.Tensor]:

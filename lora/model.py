@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,14 +15,12 @@ import torch
 from torch import nn
 
 from lora.config import ConfigError, LoraSettings, ModelSource, Quantization, is_local_path
+from lora.files import atomic_folder, exclusive_lock, file_sha256, write_text_atomic
+from lora.errors import BackendError
 
 CLASSIFIER_HEADS = ("classifier", "score")
 """Attribute names of the classification head in transformers' *ForSequenceClassification models (peft's
 SEQ_CLS_HEAD_NAMES): peft trains it whole (modules_to_save) and leaves it out of ``all-linear``."""
-
-
-class BackendError(RuntimeError):
-    """The requested hardware/quantization cannot run here; the message names what is missing."""
 
 
 def cache_dir() -> Path:
@@ -62,10 +61,19 @@ def _fetch_remote_folder(url: str) -> Path:
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.exists(f"{root.rstrip('/')}/config.json"):
         raise ConfigError([f"model.id: {url} has no config.json; point it at a folder written by save_pretrained"])
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    fs.get(root.rstrip("/") + "/", str(partial), recursive=True)
-    partial.rename(target)
+    # A trailing slash copies the folder's contents into the (existing) staging folder, not the folder itself.
+    return _fill_cache_once(target, "config.json", lambda folder: fs.get(root.rstrip("/") + "/", str(folder),
+                                                                          recursive=True))
+
+
+def _fill_cache_once(target: Path, marker: str, write: Callable[[Path], None]) -> Path:
+    """``target``, written by ``write(folder)`` unless ``target/marker`` exists: by one process of this machine at
+    a time (the others wait, then find it), through ``atomic_folder`` (a killed writer leaves nothing half-written,
+    and a writer on another machine sharing the cache may win: its copy is kept)."""
+    with exclusive_lock(target.with_name(f".{target.name}.lock")):
+        if not (target / marker).is_file():
+            with atomic_folder(target) as folder:
+                write(folder)
     return target
 
 
@@ -86,22 +94,23 @@ def builtin_smollm2() -> Path:
             "(or run infra/setup.sh)"
         )
     package_dir = spec.submodule_search_locations[0]
-    gguf_file = next(f for f in os.listdir(package_dir) if f.endswith(".gguf"))
+    # Once per machine: the domains' workers all start on a cold cache at once, and each conversion takes 30-60 s
+    # and 1.2 GB (the train stage also fills the cache on the driver before any worker starts).
+    return _fill_cache_once(target, "model.safetensors", lambda folder: _convert_gguf(package_dir, folder))
 
+
+def _convert_gguf(package_dir: str, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf_file = next(f for f in os.listdir(package_dir) if f.endswith(".gguf"))
     loaded = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
     config = loaded.config
     del config.quantization_config
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(loaded.state_dict())
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    clean.to(torch.bfloat16).save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
-    return target
+    clean.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def builtin_minilm() -> Path:
@@ -128,17 +137,47 @@ def logical_model_id(source: ModelSource) -> str:
 
 
 def weights_sha256(model_dir: Path | str) -> str | None:
-    """sha256 over the weight files of a local model folder (sorted by name); None for hub ids not yet cached."""
+    """sha256 of a local model folder's weights (its ``*.safetensors``): one file's own sha256, or for several the
+    sha256 of their sorted ``name sha256`` lines; None for hub ids not yet cached.
+
+    Every worker start and every ``generate`` asks for it, and hashing takes seconds per GB: each file's hash is
+    kept in this process and under ``cache_dir()``, keyed by the folder's path and the file's name, size and
+    mtime, so only a new or changed file is read again.
+    """
     path = Path(model_dir)
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not files:
         return None
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    folder = path.resolve()
+    stats = tuple((f.name, stat.st_size, stat.st_mtime_ns) for f in files for stat in [f.stat()])
+    if (folder, stats) not in _weight_hashes:
+        digests = _file_hashes(folder, stats)
+        lines = "".join(f"{name} {digest}\n" for (name, _, _), digest in zip(stats, digests))
+        combined = digests[0] if len(digests) == 1 else hashlib.sha256(lines.encode()).hexdigest()
+        _weight_hashes[(folder, stats)] = combined
+    return _weight_hashes[(folder, stats)]
+
+
+_weight_hashes: dict[tuple[Path, tuple[tuple[str, int, int], ...]], str] = {}
+
+
+def _file_hashes(folder: Path, stats: tuple[tuple[str, int, int], ...]) -> list[str]:
+    """Each weight file's sha256, from the on-disk record where its size and mtime still match."""
+    record_path = cache_dir() / "weight-hashes" / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.json"
+    try:
+        known = json.loads(record_path.read_text())["files"]
+    except (OSError, ValueError, KeyError):  # none yet, or unreadable: it is only a cache
+        known = {}
+    files = {}
+    for name, size, mtime in stats:
+        entry = known.get(name, {})
+        unchanged = entry.get("size") == size and entry.get("mtime_ns") == mtime
+        files[name] = {"size": size, "mtime_ns": mtime,
+                       "sha256": entry["sha256"] if unchanged else file_sha256(folder / name)}
+    if files != known:
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(record_path, json.dumps({"folder": str(folder), "files": files}, indent=1))
+    return [files[name]["sha256"] for name, _, _ in stats]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class Shard:
 
     train: list[TokenizedExample] | list[LabelledExample]
     eval: list[TokenizedExample] | list[LabelledExample]
+    """This rank's share of the held-out set (``eval_share``)."""
     rank: int
     world_size: int
 
@@ -92,6 +93,15 @@ class Shard:
             padded += max(lengths) * len(lengths)
             real += sum(lengths)
         return 1 - real / padded if padded else 0.0
+
+
+def eval_share(examples: list, max_eval_examples: int | None, rank: int, world_size: int) -> list:
+    """This rank's share of the held-out set: the first ``max_eval_examples`` of the whole set, strided across ranks.
+
+    The cap comes first, so every worker count evaluates the same examples (``evaluate`` sums loss and token counts
+    across ranks): 5 of 8 examples on 2 workers are 3 + 2, not 5 + 3.
+    """
+    return examples[:max_eval_examples][rank::world_size]
 
 
 def total_steps(shard: Shard, cfg: Training) -> int:
@@ -173,6 +183,15 @@ def base_model_view(model: nn.Module):
     return model.disable_adapter() if has_adapter(model) else contextlib.nullcontext()
 
 
+def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Under DDP, all-reduce gradients only on the optimizer step's last micro batch (``sync``): the others
+    accumulate locally in ``no_sync``, so a step with grad_accum micro batches costs one all-reduce, not grad_accum.
+    """
+    if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
 Report = Callable[[dict[str, float], TrainState, bool], None]
 """``report(metrics, state, checkpoint)``: called on every rank; ``checkpoint`` asks for a resumable save."""
 
@@ -193,14 +212,15 @@ def train(
     """Run optimizer steps from ``state`` to the end, evaluating and checkpointing at the configured intervals.
 
     ``model`` may be DDP-wrapped; the base-model metrics are measured once (adapter disabled) before step 1.
+    Evaluation runs on the unwrapped model: it needs none of DDP's collectives (DDP's first forward after a synced
+    step broadcasts buffers), only ``evaluate``'s own all-reduce of its sums.
     """
     steps = total_steps(shard, cfg)
     batches = shard.batches_per_epoch(cfg.micro_batch_size)
-    eval_examples = shard.eval[: cfg.max_eval_examples] if cfg.max_eval_examples else shard.eval
     peft_model = getattr(model, "module", model)
     if state.base_eval_loss is None:
         with base_model_view(peft_model):
-            base = {"step": 0} | evaluate(peft_model, eval_examples, cfg.micro_batch_size, pad_id, device)
+            base = {"step": 0} | evaluate(peft_model, shard.eval, cfg.micro_batch_size, pad_id, device)
         state.base_eval_loss = base["eval_loss"]
         state.history.append(base)
         report(base, state, False)
@@ -208,15 +228,16 @@ def train(
     while state.step < steps:
         started = time.perf_counter()
         loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
+        for micro_index in range(cfg.grad_accum):
             if state.batch_in_epoch >= batches:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             micro = shard.micro_batch(state.epoch, state.batch_in_epoch, cfg.micro_batch_size, cfg.seed,
                                       cfg.group_by_length)
             state.batch_in_epoch += 1
             batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
-            loss = model(**batch).loss / cfg.grad_accum
-            loss.backward()
+            with gradient_sync(model, micro_index == cfg.grad_accum - 1):
+                loss = model(**batch).loss / cfg.grad_accum
+                loss.backward()
             loss_sum += loss.item()
         optimizer.step()
         scheduler.step()
@@ -228,7 +249,7 @@ def train(
         metrics = {"step": state.step, "train_loss": loss_sum, "lr": scheduler.get_last_lr()[0]}
         is_last = state.step == steps
         if state.step % cfg.eval_every == 0 or is_last:
-            metrics |= evaluate(model, eval_examples, cfg.micro_batch_size, pad_id, device)
+            metrics |= evaluate(peft_model, shard.eval, cfg.micro_batch_size, pad_id, device)
         metrics["train_seconds"] = state.train_seconds
         state.history.append(metrics)
         if "eval_loss" in metrics or state.step % cfg.checkpoint_every == 0:

@@ -1,14 +1,16 @@
-"""Audit documentation of a model change (EU AI Act Annex IV), built only from the run's own facts.
+"""Audit documentation of a model change (EU AI Act Annex IV), built only from the run's own records.
 
-``build_audit`` gathers the facts into one dict (``audit.json``, schema-versioned); ``render_markdown`` writes the
-same facts for people (``audit.md``); ``model_card`` writes the Hugging Face ``README.md``; ``plot_*`` the PNGs.
-Nothing here contacts Ray or the store: the publish stage passes in what it read.
+``build_audit`` gathers the facts into one ``AuditRecord`` (``audit.json``, schema-versioned); ``render_markdown``
+renders the same record for people (``audit.md``), ``model_card`` as the Hugging Face ``README.md``; ``plot_*``
+draw the PNGs. Nothing is parsed back from a rendering. Nothing here contacts Ray or the store: the publish stage
+passes in what it read.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lora.config import Config, Domain  # noqa: E402
 from lora.diff import ModuleDelta  # noqa: E402
+from pipelines.records import (  # noqa: E402
+    SPLITS,
+    AcceptanceGate,
+    AuditRecord,
+    Change,
+    ChangeLog,
+    Check,
+    Compute,
+    DesignChoices,
+    GateDecision,
+    IntendedUse,
+    LoraShape,
+    ManifestMetadata,
+    Modification,
+    ModuleChange,
+    PredeterminedChanges,
+    RetrainingEnvelope,
+    RunRecord,
+    Sample,
+    SearchRecord,
+    Validation,
+    ValidationMetrics,
+    WeightChange,
+)
 
-SCHEMA_VERSION = 1
 REQUIRED_SECTIONS = (
     "base_model_and_modification",
     "design_choices",
@@ -37,148 +62,156 @@ REQUIRED_SECTIONS = (
 ASSUMED_WATTS = {"cpu_core": 10.0, "gpu": 700.0}
 
 
+@dataclass(frozen=True)
+class Parent:
+    """The version this one follows, as its manifest describes it."""
+
+    version: int
+    metadata: ManifestMetadata | None
+    """None for a version published by an older loramill, whose manifest has no typed metadata."""
+
+
 def build_audit(
     *,
     cfg: Config,
     domain: Domain,
-    result: dict[str, Any],
-    run_info: dict[str, Any],
-    history: list[dict[str, float]],
+    run: RunRecord,
+    version: int,
     adapter_config: dict[str, Any],
     deltas: list[ModuleDelta],
-    samples: list[dict[str, str]],
-    tune: dict[str, Any] | None,
-    parent: dict[str, Any] | None,
-    gate: dict[str, Any],
-    checks: list[dict[str, str]],
+    samples: list[Sample],
+    search: SearchRecord | None,
+    parent: Parent | None,
+    gate: GateDecision,
+    checks: list[Check],
     public_config: dict[str, Any],
     data_sources: dict[str, str],
-) -> dict[str, Any]:
-    """Every required section, filled from the run. ``parent`` is the parent version's audit.json (or None)."""
-    eval_loss, base_loss = result["eval_loss"], result["base_eval_loss"]
-    workers = run_info["hardware"]["workers"]
-    device_hours = result["wall_seconds"] * workers / 3600
-    watts = ASSUMED_WATTS["gpu"] if run_info["hardware"]["use_gpu"] else ASSUMED_WATTS["cpu_core"] * max(
-        1, run_info["hardware"]["cpus_per_worker"])
+    eval_set: str,
+) -> AuditRecord:
+    """Every required section, filled from the run's records; ``version`` is the number it is prepared as."""
+    info = run.info
+    eval_loss, base_loss = run.eval_loss, run.base_eval_loss
+    device_hours = run.wall_seconds * info.hardware.workers / 3600
+    watts = ASSUMED_WATTS["gpu"] if info.hardware.use_gpu else ASSUMED_WATTS["cpu_core"] * max(
+        1, info.hardware.cpus_per_worker)
     ranked = sorted(deltas, key=lambda d: d.frobenius_norm, reverse=True)
-    parent_loss = parent["validation"]["metrics"]["eval_loss"] if parent else None
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "domain": domain.name,
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "base_model_and_modification": {
-            "base_model": run_info["base_model"],
-            "task": cfg.task,
-            "labels": domain.labels,
-            "method": "QLoRA (4-bit NF4 base, LoRA adapters)" if cfg.quant.mode == "nf4" else "LoRA",
-            "quantization": cfg.quant.model_dump() | {"effective_compute_dtype": run_info["compute_dtype"]},
-            "lora": {
-                "r": adapter_config["r"],
-                "alpha": adapter_config["lora_alpha"],
-                "dropout": adapter_config["lora_dropout"],
-                "target_modules": sorted(adapter_config["target_modules"]),
+    # A parent's loss on other data says nothing about this one: compare only on the same eval set.
+    known = parent.metadata if parent else None
+    parent_loss = known.metrics.eval_loss if known and known.metrics.eval_set == eval_set else None
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    return AuditRecord(
+        domain=domain.name,
+        prepared_as_version=version,
+        generated_at=now,
+        base_model_and_modification=Modification(
+            base_model=info.base_model,
+            task=cfg.task,
+            labels=domain.labels,
+            method="QLoRA (4-bit NF4 base, LoRA adapters)" if cfg.quant.mode == "nf4" else "LoRA",
+            quantization=cfg.quant.model_dump() | {"effective_compute_dtype": info.compute_dtype},
+            lora=LoraShape(r=adapter_config["r"], alpha=adapter_config["lora_alpha"],
+                           dropout=adapter_config["lora_dropout"],
+                           target_modules=sorted(adapter_config["target_modules"])),
+            trainable_params=run.trainable_params,
+            total_params=run.total_params,
+            trainable_fraction=run.trainable_params / run.total_params,
+        ),
+        design_choices=_design_choices(cfg, search),
+        compute=Compute(
+            hardware=info.hardware,
+            wall_seconds=run.wall_seconds,
+            train_seconds=run.train_seconds,
+            device_hours=device_hours,
+            energy_kwh_estimate=device_hours * watts / 1000,
+            energy_method=f"device-hours x assumed {watts:g} W per device "
+                          f"({'GPU board power' if info.hardware.use_gpu else 'per CPU core used'}); not metered",
+        ),
+        data={split: info.data[split].model_copy(update={"url": data_sources[split]}) for split in SPLITS},
+        predetermined_changes=PredeterminedChanges(
+            retraining_envelope=envelope(cfg, info.base_model.id, search),
+            acceptance_gate=AcceptanceGate(
+                alias=cfg.publish.gate_alias,
+                rule=f"eval_loss <= current {cfg.publish.gate_alias} eval_loss x (1 + {cfg.publish.gate_tolerance:g})"
+                     " on the same eval set (the current version is re-evaluated when the eval data changed), and "
+                     "eval_loss < base eval_loss",
+            ),
+            schedule=domain.schedule,
+        ),
+        validation=Validation(
+            evaluated_at=now,
+            eval_set=eval_set,
+            eval_examples=_evaluated_examples(cfg, info.data["eval"].examples_kept),
+            metrics=ValidationMetrics(
+                eval_loss=eval_loss,
+                eval_perplexity=math.exp(eval_loss),
+                base_eval_loss=base_loss,
+                base_eval_perplexity=math.exp(base_loss),
+                delta_vs_base=eval_loss - base_loss,
+                parent_eval_loss=parent_loss,
+                delta_vs_parent=None if parent_loss is None else eval_loss - parent_loss,
+                eval_accuracy=run.eval_accuracy,
+                base_eval_accuracy=run.base_eval_accuracy,
+            ),
+            checks=checks,
+            gate=gate,
+        ),
+        intended_use_and_limitations=IntendedUse(intended_use=domain.intended_use, limitations=domain.limitations),
+        change_log=ChangeLog(
+            parent_version=parent.version if parent else None,
+            config_changes=_dict_diff(known.config, public_config) if known else {},
+            data_changes={
+                split: Change(from_=known.data[split].sha256, to=info.data[split].sha256)
+                for split in SPLITS if known and known.data[split].sha256 != info.data[split].sha256
             },
-            "trainable_params": result["trainable_params"],
-            "total_params": result["total_params"],
-            "trainable_fraction": result["trainable_params"] / result["total_params"],
-        },
-        "design_choices": _design_choices(cfg, tune),
-        "compute": {
-            "hardware": run_info["hardware"],
-            "wall_seconds": result["wall_seconds"],
-            "train_seconds": result["train_seconds"],
-            "device_hours": device_hours,
-            "energy_kwh_estimate": device_hours * watts / 1000,
-            "energy_method": f"device-hours x assumed {watts:g} W per device "
-                             f"({'GPU board power' if run_info['hardware']['use_gpu'] else 'per CPU core used'}); "
-                             "not metered",
-        },
-        "data": {
-            split: run_info["data"][split] | {"url": data_sources[split]} for split in ("train", "eval")
-        },
-        "predetermined_changes": {
-            "retraining_envelope": {
-                "lora_r": _range(tune, "ranks", [cfg.lora.r]),
-                "lora_alpha": _range(tune, "alphas", [cfg.lora.alpha]),
-                "learning_rate": [tune["lr_min"], tune["lr_max"]] if tune and "lr_min" in tune
-                else [cfg.train.learning_rate, cfg.train.learning_rate],
-                "base_model": run_info["base_model"]["id"],
-                "quantization": cfg.quant.mode,
-            },
-            "acceptance_gate": {
-                "alias": cfg.publish.gate_alias,
-                "rule": f"eval_loss <= current {cfg.publish.gate_alias} eval_loss x (1 + {cfg.publish.gate_tolerance:g})"
-                        " and eval_loss < base eval_loss",
-            },
-            "schedule": domain.schedule,
-        },
-        "validation": {
-            "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "metrics": {
-                "eval_loss": eval_loss,
-                "eval_perplexity": math.exp(eval_loss),
-                "base_eval_loss": base_loss,
-                "base_eval_perplexity": math.exp(base_loss),
-                "delta_vs_base": eval_loss - base_loss,
-                "parent_eval_loss": parent_loss,
-                **({"eval_accuracy": result["eval_accuracy"], "base_eval_accuracy": result["base_eval_accuracy"]}
-                   if result.get("eval_accuracy") is not None else {}),
-                "delta_vs_parent": None if parent_loss is None else eval_loss - parent_loss,
-            },
-            "eval_examples": run_info["data"]["eval"]["examples_kept"],
-            "checks": checks,
-            "gate": gate,
-        },
-        "intended_use_and_limitations": {"intended_use": domain.intended_use, "limitations": domain.limitations},
-        "change_log": {
-            "parent_version": parent["version"] if parent else None,
-            "config_changes": _dict_diff(parent["config"], public_config) if parent else {},
-            "data_changes": {
-                split: {"from": parent["data"][split]["sha256"], "to": run_info["data"][split]["sha256"]}
-                for split in ("train", "eval")
-                if parent and parent["data"][split]["sha256"] != run_info["data"][split]["sha256"]
-            },
-            "metric_deltas": {"eval_loss": None if parent_loss is None else eval_loss - parent_loss},
-            "weight_change": {
-                "total_frobenius_norm": math.sqrt(sum(d.frobenius_norm**2 for d in deltas)),
-                "modules": [d.to_dict() for d in deltas],
-                "most_changed": [d.module for d in ranked[:5]],
-            },
-        },
-        "samples": samples,
-        "config": public_config,
-    }
+            metric_deltas={"eval_loss": None if parent_loss is None else eval_loss - parent_loss},
+            weight_change=WeightChange(
+                total_frobenius_norm=math.sqrt(sum(d.frobenius_norm**2 for d in deltas)),
+                modules=[ModuleChange.model_validate(d.to_dict()) for d in deltas],
+                most_changed=[d.module for d in ranked[:5]],
+            ),
+        ),
+        samples=samples,
+        config=public_config,
+    )
 
 
-def _design_choices(cfg: Config, tune: dict[str, Any] | None) -> dict[str, Any]:
-    if tune is None:
-        return {
-            "search": None,
-            "chosen": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "learning_rate": cfg.train.learning_rate},
-            "selection": "fixed in the config (no tuning run)",
-        }
-    return {
-        "search": tune.get("search_space"),
-        "trials": tune.get("trials"),
-        "chosen": tune.get("best"),
-        "selection": f"lowest {tune.get('metric', 'eval_loss')} among the trials",
-    }
+def envelope(cfg: Config, base_model_id: str, search: SearchRecord | None) -> RetrainingEnvelope:
+    """What a scheduled retraining may change: the swept ranges when a sweep chose the values, else the values."""
+    if search is None:
+        return RetrainingEnvelope(
+            lora_r=(cfg.lora.r, cfg.lora.r), lora_alpha=(cfg.lora.alpha, cfg.lora.alpha),
+            learning_rate=(cfg.train.learning_rate, cfg.train.learning_rate), base_model=base_model_id,
+            quantization=cfg.quant.mode)
+    space = search.search_space
+    return RetrainingEnvelope(
+        lora_r=(min(space.ranks), max(space.ranks)), lora_alpha=(min(space.alphas), max(space.alphas)),
+        learning_rate=space.learning_rate, base_model=base_model_id, quantization=cfg.quant.mode)
 
 
-def _range(tune: dict[str, Any] | None, key: str, default: list[float]) -> list[float]:
-    values = (tune or {}).get("search_space", {}).get(key) or default
-    return [min(values), max(values)]
+def _evaluated_examples(cfg: Config, kept: int) -> int:
+    """The held-out examples each evaluation used: ``max_eval_examples`` caps the whole set."""
+    return min(kept, cfg.train.max_eval_examples) if cfg.train.max_eval_examples else kept
 
 
-def _dict_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"dotted.key": {"from": a, "to": b}}`` for every leaf that differs."""
+def _design_choices(cfg: Config, search: SearchRecord | None) -> DesignChoices:
+    if search is None:
+        return DesignChoices(
+            selection="fixed in the config (no tuning run)",
+            chosen={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "learning_rate": cfg.train.learning_rate},
+        )
+    return DesignChoices(selection=f"lowest {search.metric} among the trials", chosen=search.best.model_dump(),
+                         search=search.search_space, trials=search.trials)
+
+
+def _dict_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Change]:
+    """``{"dotted.key": Change(from, to)}`` for every leaf that differs."""
     changes = {}
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changes |= _dict_diff(a, b, f"{prefix}{key}.")
         elif a != b:
-            changes[f"{prefix}{key}"] = {"from": a, "to": b}
+            changes[f"{prefix}{key}"] = Change(from_=a, to=b)
     return changes
 
 
@@ -187,131 +220,142 @@ def _dict_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> di
 # ---------------------------------------------------------------------------------------------
 
 
-def render_markdown(audit: dict[str, Any], version: int) -> str:
-    base = audit["base_model_and_modification"]
-    design, compute, val = audit["design_choices"], audit["compute"], audit["validation"]
-    metrics, change = val["metrics"], audit["change_log"]
+def render_markdown(audit: AuditRecord, version: int) -> str:
+    base = audit.base_model_and_modification
+    design, compute, val = audit.design_choices, audit.compute, audit.validation
+    metrics, change = val.metrics, audit.change_log
     lines = [
-        f"# Audit: `{audit['domain']}` adapter v{version}",
+        f"# Audit: `{audit.domain}` adapter v{version}",
         "",
-        f"Generated {audit['generated_at']} from the training run's own records (audit.json holds the same facts).",
+        f"Generated {audit.generated_at} from the training run's own records (audit.json holds the same facts).",
         "",
         "## 1. Base model and modification (Annex IV 2(a))",
-        f"- Base: `{base['base_model']['id']}` revision `{base['base_model']['revision']}`, "
-        f"weights sha256 `{base['base_model']['weights_sha256']}`",
-        f"- Method: {base['method']}; quantization `{base['quantization']['mode']}`, double quant "
-        f"{base['quantization']['double_quant']}, compute dtype {base['quantization']['effective_compute_dtype']}",
-        f"- LoRA r={base['lora']['r']}, alpha={base['lora']['alpha']}, dropout={base['lora']['dropout']}, "
-        f"targets: {', '.join(base['lora']['target_modules'])}",
-        f"- Trainable parameters: {base['trainable_params']:,} of {base['total_params']:,} "
-        f"({base['trainable_fraction']:.3%})",
+        f"- Base: `{base.base_model.id}` revision `{base.base_model.revision}`, "
+        f"weights sha256 `{base.base_model.weights_sha256}`",
+        f"- Method: {base.method}; quantization `{base.quantization['mode']}`, double quant "
+        f"{base.quantization['double_quant']}, compute dtype {base.quantization['effective_compute_dtype']}",
+        f"- LoRA r={base.lora.r}, alpha={base.lora.alpha}, dropout={base.lora.dropout}, "
+        f"targets: {', '.join(base.lora.target_modules)}",
+        f"- Trainable parameters: {base.trainable_params:,} of {base.total_params:,} "
+        f"({base.trainable_fraction:.3%})",
         "",
         "## 2. Design choices (2(b))",
-        f"- Selection: {design['selection']}",
-        f"- Chosen: `{json.dumps(design['chosen'])}`",
+        f"- Selection: {design.selection}",
+        f"- Chosen: `{json.dumps(design.chosen)}`",
     ]
-    if design.get("search"):
-        lines += [f"- Search space: `{json.dumps(design['search'])}`", f"- Trials run: {len(design['trials'] or [])}"]
+    if design.search:
+        lines += [f"- Search space: `{design.search.model_dump_json()}`", f"- Trials run: {len(design.trials or [])}"]
     lines += [
         "",
         "## 3. Compute (2(c))",
-        f"- Hardware: {compute['hardware']['device']}, {compute['hardware']['workers']} worker(s), "
-        f"GPU: {compute['hardware']['use_gpu']}",
-        f"- Wall time {compute['wall_seconds']:.0f} s (in optimizer steps: {compute['train_seconds']:.0f} s), "
-        f"{compute['device_hours']:.4f} device-hours",
-        f"- Energy estimate: {compute['energy_kwh_estimate']:.4f} kWh — {compute['energy_method']}",
+        f"- Hardware: {compute.hardware.device}, {compute.hardware.workers} worker(s), GPU: {compute.hardware.use_gpu}",
+        f"- Wall time {compute.wall_seconds:.0f} s (in optimizer steps: {compute.train_seconds:.0f} s), "
+        f"{compute.device_hours:.4f} device-hours",
+        f"- Energy estimate: {compute.energy_kwh_estimate:.4f} kWh — {compute.energy_method}",
         "",
         "## 4. Data (2(d))",
         "| split | source | sha256 | examples read | kept | dropped (overlong) | truncated | tokens | loss tokens |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for split, d in audit["data"].items():
+    for split, d in audit.data.items():
         lines.append(
-            f"| {split} | `{d['url']}` | `{d['sha256'][:16]}…` | {d['examples_read']} | {d['examples_kept']} | "
-            f"{d['dropped_overlong']} | {d['truncated_overlong']} | {d['tokens']:,} | {d['target_tokens']:,} |"
+            f"| {split} | `{d.url}` | `{d.sha256[:16]}…` | {d.examples_read} | {d.examples_kept} | "
+            f"{d.dropped_overlong} | {d.truncated_overlong} | {d.tokens:,} | {d.target_tokens:,} |"
         )
-    envelope = audit["predetermined_changes"]
+    changes = audit.predetermined_changes
     lines += [
         "",
         "## 5. Pre-determined changes (2(f))",
-        f"- Retraining envelope: `{json.dumps(envelope['retraining_envelope'])}`",
-        f"- Acceptance gate (`{envelope['acceptance_gate']['alias']}`): {envelope['acceptance_gate']['rule']}",
-        f"- Schedule: {envelope['schedule'] or 'on demand'}",
+        f"- Retraining envelope: `{changes.retraining_envelope.model_dump_json()}`",
+        f"- Acceptance gate (`{changes.acceptance_gate.alias}`): {changes.acceptance_gate.rule}",
+        f"- Schedule: {changes.schedule or 'on demand'}",
         "",
         "## 6. Validation (2(g))",
-        f"Evaluated {val['evaluated_at']} on {val['eval_examples']} held-out examples.",
+        f"Evaluated {val.evaluated_at} on {val.eval_examples} held-out examples (eval set `{val.eval_set[:16]}…`).",
         "",
-        "| model | eval loss | perplexity |",
-        "|---|---|---|",
-        f"| base | {metrics['base_eval_loss']:.4f} | {metrics['base_eval_perplexity']:.2f} |",
-        f"| this adapter | {metrics['eval_loss']:.4f} | {metrics['eval_perplexity']:.2f} |",
+        *_metrics_table(audit),
     ]
-    if "eval_accuracy" in metrics:
-        lines[-3:] = [
-            "| model | eval loss | accuracy |",
-            "|---|---|---|",
-            f"| base (untrained head) | {metrics['base_eval_loss']:.4f} | {metrics['base_eval_accuracy']:.2%} |",
-            f"| this adapter | {metrics['eval_loss']:.4f} | {metrics['eval_accuracy']:.2%} |",
-        ]
-    if metrics["parent_eval_loss"] is not None:
-        lines.append(f"| parent v{change['parent_version']} | {metrics['parent_eval_loss']:.4f} | "
-                     f"{math.exp(metrics['parent_eval_loss']):.2f} |")
-    gate = val["gate"]
-    lines += ["", "Checks run:", *[f"- {c['check']}: **{c['result']}**" for c in val["checks"]], "",
-              f"Gate decision: **{gate['decision']}** — {gate['reason']}", "",
-              "![loss curves](loss_curves.png)", "",
+    gate = val.gate
+    lines += ["", "Checks:", *[f"- {c.name}: **{c.status}** — {c.evidence}" for c in val.checks], "",
+              f"Gate decision: **{gate.decision}** — {gate.reason}", ""]
+    if gate.current_eval_loss is not None:
+        lines += [f"Gate compared eval loss {gate.new_eval_loss:.4f} (this adapter) with {gate.current_eval_loss:.4f} "
+                  f"({gate.alias} v{gate.current_version}) on eval set `{gate.eval_set[:16]}…`: {gate.compared_on}.", ""]
+    lines += ["![loss curves](loss_curves.png)", "",
               "## 7. Intended use and limitations (3)",
-              f"- Intended use: {audit['intended_use_and_limitations']['intended_use']}",
-              f"- Limitations: {audit['intended_use_and_limitations']['limitations']}", "",
+              f"- Intended use: {audit.intended_use_and_limitations.intended_use}",
+              f"- Limitations: {audit.intended_use_and_limitations.limitations}", "",
               "## 8. Change log (6)",
-              f"- Parent version: {('v' + str(change['parent_version'])) if change['parent_version'] else 'none (first version)'}"]
-    for key, diff in change["config_changes"].items():
-        lines.append(f"- config `{key}`: `{diff['from']}` → `{diff['to']}`")
-    for split, diff in change["data_changes"].items():
-        lines.append(f"- {split} data changed: sha256 `{diff['from'][:16]}…` → `{diff['to'][:16]}…`")
-    if change["metric_deltas"]["eval_loss"] is not None:
-        lines.append(f"- eval loss vs parent: {change['metric_deltas']['eval_loss']:+.4f}")
-    weights = change["weight_change"]
-    lines += [f"- Weight change: total ‖ΔW‖_F = {weights['total_frobenius_norm']:.4f} over "
-              f"{len(weights['modules'])} modules (ΔW = B·A·α/r)", "", "| most-changed module | ‖ΔW‖_F | effective rank |",
+              f"- Parent version: {f'v{change.parent_version}' if change.parent_version else 'none (first version)'}"]
+    for key, diff in change.config_changes.items():
+        lines.append(f"- config `{key}`: `{diff.from_}` → `{diff.to}`")
+    for split, diff in change.data_changes.items():
+        lines.append(f"- {split} data changed: sha256 `{diff.from_[:16]}…` → `{diff.to[:16]}…`")
+    if change.metric_deltas["eval_loss"] is not None:
+        lines.append(f"- eval loss vs parent (same eval set): {change.metric_deltas['eval_loss']:+.4f}")
+    elif change.parent_version:
+        lines.append("- eval loss vs parent: not compared (the parent was evaluated on another eval set)")
+    weights = change.weight_change
+    lines += [f"- Weight change: total ‖ΔW‖_F = {weights.total_frobenius_norm:.4f} over "
+              f"{len(weights.modules)} modules (ΔW = B·A·α/r)", "", "| most-changed module | ‖ΔW‖_F | effective rank |",
               "|---|---|---|"]
-    by_name = {m["module"]: m for m in weights["modules"]}
-    for name in weights["most_changed"]:
-        lines.append(f"| `{name}` | {by_name[name]['frobenius_norm']:.4f} | {by_name[name]['effective_rank']:.2f} |")
+    by_name = {m.module: m for m in weights.modules}
+    for name in weights.most_changed:
+        lines.append(f"| `{name}` | {by_name[name].frobenius_norm:.4f} | {by_name[name].effective_rank:.2f} |")
     lines += ["", "![per-layer weight change](delta_w.png)", "", "## 9. Samples: base vs adapter", ""]
-    for sample in audit["samples"]:
-        if "expected" in sample:  # a classifier's predictions
-            lines += [f"**Text:** {sample['prompt']}", "", "| true label | base | adapter |", "|---|---|---|",
-                      f"| {_cell(sample['expected'])} | {_cell(sample['base'])} | {_cell(sample['adapter'])} |", ""]
+    if not audit.samples:
+        lines += ["None (publish.audit_prompts is 0).", ""]
+    for sample in audit.samples:
+        if sample.expected is not None:  # a classifier's predictions
+            lines += [f"**Text:** {sample.prompt}", "", "| true label | base | adapter |", "|---|---|---|",
+                      f"| {_cell(sample.expected)} | {_cell(sample.base)} | {_cell(sample.adapter)} |", ""]
             continue
-        lines += [f"**Prompt:** {sample['prompt']}", "", "| base | adapter |", "|---|---|",
-                  f"| {_cell(sample['base'])} | {_cell(sample['adapter'])} |", ""]
+        lines += [f"**Prompt:** {sample.prompt}", "", "| base | adapter |", "|---|---|",
+                  f"| {_cell(sample.base)} | {_cell(sample.adapter)} |", ""]
     return "\n".join(lines) + "\n"
+
+
+def _metrics_table(audit: AuditRecord) -> list[str]:
+    """base / this adapter / parent rows: loss with perplexity, or with accuracy for a classifier."""
+    metrics, parent = audit.validation.metrics, audit.change_log.parent_version
+    if metrics.eval_accuracy is not None:
+        rows = ["| model | eval loss | accuracy |", "|---|---|---|",
+                f"| base (untrained head) | {metrics.base_eval_loss:.4f} | {metrics.base_eval_accuracy:.2%} |",
+                f"| this adapter | {metrics.eval_loss:.4f} | {metrics.eval_accuracy:.2%} |"]
+        if metrics.parent_eval_loss is not None:
+            rows.append(f"| parent v{parent} | {metrics.parent_eval_loss:.4f} | - |")
+        return rows
+    rows = ["| model | eval loss | perplexity |", "|---|---|---|",
+            f"| base | {metrics.base_eval_loss:.4f} | {metrics.base_eval_perplexity:.2f} |",
+            f"| this adapter | {metrics.eval_loss:.4f} | {metrics.eval_perplexity:.2f} |"]
+    if metrics.parent_eval_loss is not None:
+        rows.append(f"| parent v{parent} | {metrics.parent_eval_loss:.4f} | {math.exp(metrics.parent_eval_loss):.2f} |")
+    return rows
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-def model_card(audit: dict[str, Any], version: int, license_id: str = "apache-2.0") -> str:
+def model_card(audit: AuditRecord, version: int, license_id: str = "apache-2.0") -> str:
     """Hugging Face model card: YAML front matter + a short body pointing at audit.md."""
-    base = audit["base_model_and_modification"]
-    metrics = audit["validation"]["metrics"]
-    classify = base.get("task") == "sequence_classification"
-    scores = ([{"type": "loss", "value": round(metrics["eval_loss"], 4)}]
-              + ([{"type": "accuracy", "value": round(metrics["eval_accuracy"], 4)}] if classify else
-                 [{"type": "perplexity", "value": round(metrics["eval_perplexity"], 3)}]))
+    base = audit.base_model_and_modification
+    metrics = audit.validation.metrics
+    classify = base.task == "sequence_classification"
+    scores = ([{"type": "loss", "value": round(metrics.eval_loss, 4)}]
+              + ([{"type": "accuracy", "value": round(metrics.eval_accuracy, 4)}] if classify else
+                 [{"type": "perplexity", "value": round(metrics.eval_perplexity, 3)}]))
     front = {
-        "base_model": base["base_model"]["id"],
+        "base_model": base.base_model.id,
         "library_name": "peft",
         "license": license_id,
-        "tags": ["lora", "qlora" if "QLoRA" in base["method"] else "lora-fp", "loramill", audit["domain"]],
-        "datasets": [audit["data"]["train"]["url"], audit["data"]["eval"]["url"]],
+        "tags": ["lora", "qlora" if "QLoRA" in base.method else "lora-fp", "loramill", audit.domain],
+        "datasets": [audit.data["train"].url, audit.data["eval"].url],
         "model-index": [{
-            "name": f"{audit['domain']}-v{version}",
+            "name": f"{audit.domain}-v{version}",
             "results": [{
                 "task": {"type": "text-classification" if classify else "text-generation"},
-                "dataset": {"name": audit["data"]["eval"]["url"], "type": "jsonl"},
+                "dataset": {"name": audit.data["eval"].url, "type": "jsonl"},
                 "metrics": scores,
             }],
         }],
@@ -320,12 +364,12 @@ def model_card(audit: dict[str, Any], version: int, license_id: str = "apache-2.
 
     return (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
-        f"# {audit['domain']} adapter v{version}\n\n"
-        f"A {base['method']} adapter for `{base['base_model']['id']}` "
-        f"(r={base['lora']['r']}, alpha={base['lora']['alpha']}), trained by loramill.\n\n"
-        f"- Intended use: {audit['intended_use_and_limitations']['intended_use']}\n"
-        f"- Limitations: {audit['intended_use_and_limitations']['limitations']}\n"
-        f"- Held-out eval loss {metrics['eval_loss']:.4f} (base {metrics['base_eval_loss']:.4f})\n\n"
+        f"# {audit.domain} adapter v{version}\n\n"
+        f"A {base.method} adapter for `{base.base_model.id}` "
+        f"(r={base.lora.r}, alpha={base.lora.alpha}), trained by loramill.\n\n"
+        f"- Intended use: {audit.intended_use_and_limitations.intended_use}\n"
+        f"- Limitations: {audit.intended_use_and_limitations.limitations}\n"
+        f"- Held-out eval loss {metrics.eval_loss:.4f} (base {metrics.base_eval_loss:.4f})\n\n"
         "Load it with PEFT:\n\n```python\nfrom peft import PeftModel\n"
         "model = PeftModel.from_pretrained(base_model, \"path/to/this/folder\")\n```\n\n"
         "What changed, on what data, and why it was or was not promoted: see [audit.md](audit.md).\n"

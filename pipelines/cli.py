@@ -14,11 +14,12 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.registry import RegistryError
-from infra.store import StoreError
-from lora.config import Config, ConfigError, load_config
-from lora.data import DataError
-from lora.model import BackendError
+from infra.store import StoreError, store_down, store_status, store_up
+from lora.config import ConfigError, load_config
+from lora.errors import BackendError, DataError
+from lora.redact import mask_storage_options
 from pipelines.errors import TrainingFailed
+from pipelines.registry_access import open_registry
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Logs and CI are not terminals: rich would wrap tables at 80 columns there.
@@ -55,12 +56,8 @@ def exits_2_on_bad_input(command: Callable) -> Callable:
 def validate(config: ConfigArg, overrides: Overrides = None) -> None:
     """Print the resolved config, or list every error with its dotted path (exit 2)."""
     cfg = load_config(config, overrides or [])
-    shown = cfg.model_dump()
-    # storage_options may hold credentials, and this output lands in terminals and CI logs: mask their values.
-    for options in [shown["cluster"]["storage_options"], shown["publish"]["storage_options"],
-                    *(domain["storage_options"] for domain in shown["domains"])]:
-        options.update({key: "***" for key in options if key != "endpoint_url"})
-    typer.echo(yaml.safe_dump(shown, sort_keys=False), nl=False)
+    # This output lands in terminals and CI logs: storage_options may hold credentials.
+    typer.echo(yaml.safe_dump(mask_storage_options(cfg.model_dump()), sort_keys=False), nl=False)
 
 
 @app.command(name="config-reference", hidden=True)
@@ -146,7 +143,7 @@ def publish(
     outcome = publish_stage.run(cfg, domain, run_dir.resolve(), force=force)
     console.print(f"published [bold]{outcome.published.domain} v{outcome.published.version}[/] → "
                   f"{outcome.published.url}")
-    console.print(f"gate ({outcome.gate['alias']}): {outcome.gate['decision']} — {outcome.gate['reason']}",
+    console.print(f"gate ({outcome.gate.alias}): {outcome.gate.decision} — {outcome.gate.reason}",
                   markup=False)
 
 
@@ -158,8 +155,6 @@ def list_versions(
         "configs/default.yaml"),
 ) -> None:
     """List published versions: aliases, key metrics, sizes."""
-    from pipelines.publish import open_registry
-
     registry = open_registry(load_config(config))
     table = Table(title=f"loramill registry {registry.url}", title_justify="left")
     for column in ("domain", "version", "created (UTC)", "parent", "aliases", "eval loss", "base loss", "files",
@@ -190,8 +185,6 @@ def pull(
     config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml"),
 ) -> None:
     """Download a version, verify every sha256 against its manifest, write it atomically."""
-    from pipelines.publish import open_registry
-
     registry = open_registry(load_config(config))
     domain, version = _split_ref(ref)
     path = registry.pull(domain, version, to)
@@ -208,19 +201,22 @@ def promote(
     config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml"),
 ) -> None:
     """Move an alias to a version by compare-and-swap; the gate alias also has to pass the gate."""
-    from pipelines.publish import decide_gate, open_registry
+    from pipelines.gate import candidate_of, decide, stored_incumbent
+    from pipelines.records import ManifestMetadata
 
     cfg = load_config(config)
     registry = open_registry(cfg)
     number = registry.resolve(domain, version)
     current = registry.alias(domain, alias)
-    record = {"by": "loramill promote", "forced": force}
+    record: dict[str, object] = {"by": "loramill promote", "forced": force}
     if alias == cfg.publish.gate_alias:
-        metrics = registry.manifest(domain, number).metadata["metrics"]
-        gate = decide_gate(registry, cfg, domain, metrics, force)
-        record["gate"] = gate
-        if gate["decision"] == "not promoted":
-            errors.print(f"gate refused: {gate['reason']}; use --force to override (recorded)", markup=False)
+        metadata = ManifestMetadata.of(registry.manifest(domain, number))
+        candidate = candidate_of(metadata)
+        incumbent = stored_incumbent(registry, domain, alias, candidate.eval_set, metadata)
+        gate = decide(alias, cfg.publish.gate_tolerance, candidate, incumbent, force)
+        record["gate"] = gate.model_dump(mode="json")
+        if gate.decision == "not promoted":
+            errors.print(f"gate refused: {gate.reason}; use --force to override (recorded)", markup=False)
             raise typer.Exit(1)
     state = registry.promote(domain, number, alias, expected=current.version if current else None, record=record)
     console.print(f"{domain} {alias} → v{state.version} (generation {state.generation})")
@@ -234,8 +230,6 @@ def gc(
     config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml"),
 ) -> None:
     """Remove abandoned uploads (versions without a manifest older than the grace period)."""
-    from pipelines.publish import open_registry
-
     removed = open_registry(load_config(config)).gc(domain, grace_s=grace_s)
     console.print(f"removed {len(removed)} abandoned upload(s)" + "".join(f"\n  {url}" for url in removed))
 
@@ -309,8 +303,6 @@ def _store_dir(config: Path) -> Path:
 @exits_2_on_bad_input
 def store_up_command(config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml")) -> None:
     """Start the store (or report the running one)."""
-    from infra.store import store_up
-
     info = store_up(_store_dir(config))
     console.print(f"store up: {info.endpoint_url} bucket {info.bucket} (pid {info.pid}, data {info.data_dir})")
 
@@ -319,8 +311,6 @@ def store_up_command(config: Annotated[Path, typer.Option("--config", "-c")] = P
 @exits_2_on_bad_input
 def store_down_command(config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml")) -> None:
     """Stop the store; its data stays."""
-    from infra.store import store_down
-
     console.print("store stopped" if store_down(_store_dir(config)) else "store was not running")
 
 
@@ -330,8 +320,6 @@ def store_status_command(
     config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/default.yaml"),
 ) -> None:
     """Say whether the store runs, and where."""
-    from infra.store import store_status
-
     info = store_status(_store_dir(config))
     if info is None:
         console.print("store is not running")
@@ -358,7 +346,7 @@ def run_command(
         table.add_column(column)
     for r in rows:
         table.add_row(r.training.domain, f"v{r.outcome.published.version}", f"{r.training.eval_loss:.4f}",
-                      f"{r.outcome.gate['decision']}: {r.outcome.gate['reason']}", r.outcome.published.url)
+                      f"{r.outcome.gate.decision}: {r.outcome.gate.reason}", r.outcome.published.url)
     console.print(table)
 
 

@@ -1,7 +1,8 @@
 """Publish stage: a finished run -> a new immutable registry version with its audit, then the promotion gate.
 
-``run`` reads: run folder -> parent version -> ΔW and samples -> gate decision -> audit files -> publish ->
-promote. The gate is decided before publishing so that the immutable audit records the decision and its numbers.
+``run`` reads: run record -> parent version (its manifest) -> ΔW and samples -> gate decision (on one eval set) ->
+the audit record and its renderings -> publish with typed manifest metadata -> promote. The gate is decided before
+publishing so that the immutable audit records the decision and its numbers.
 """
 
 from __future__ import annotations
@@ -16,13 +17,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from infra.registry import ConflictError, PublishedVersion, Registry, RegistryError
-from infra.store import store_up
 from lora.config import Config, ConfigError, Domain, is_local_path
-from lora.data import read_jsonl, redact_url, to_labelled_text, to_messages
+from lora.data import read_jsonl, to_labelled_text, to_messages
 from lora.diff import adapter_deltas
+from lora.errors import DataError
+from lora.redact import drop_storage_options, redact_url
+from lora.train import HISTORY_FILE
 from pipelines import audit as audit_docs
-from pipelines.train import HISTORY_FILE, RESULT_FILE, RUN_INFO_FILE
+from pipelines.audit import Parent
+from pipelines.gate import Candidate, Incumbent, decide, stored_incumbent
+from pipelines.records import (
+    RESULT_FILE,
+    SPLITS,
+    AuditRecord,
+    Check,
+    DataFingerprint,
+    GateDecision,
+    ManifestMetadata,
+    Metrics,
+    RunRecord,
+    Sample,
+    SearchRecord,
+    eval_set_fingerprint,
+)
+from pipelines.registry_access import open_registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,70 +51,58 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class Outcome:
     published: PublishedVersion
-    gate: dict[str, Any]
-    """decision (promoted / not promoted / forced), reason, and the numbers compared."""
+    gate: GateDecision
 
 
-def open_registry(cfg: Config) -> Registry:
-    """The configured registry; ``embedded`` starts (or joins) the project's SeaweedFS on 127.0.0.1."""
-    if cfg.publish.registry == "embedded":
-        info = store_up(Path(cfg.publish.store_dir))
-        return Registry(f"s3://{info.bucket}/adapters", info.storage_options())
-    return Registry(cfg.publish.registry, cfg.publish.storage_options or None)
-
-
-def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False, tune: dict | None = None) -> Outcome:
+def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False,
+        search: SearchRecord | None = None) -> Outcome:
     """Publish the run in ``run_dir`` as the next version of the domain and apply the gate."""
     check_publishable(cfg)
     domain = cfg.domain(domain_name)
-    result, run_info, history = _read_run(run_dir)
+    record, history = read_run(run_dir)
     registry = open_registry(cfg)
-    parent_audit = _latest_audit(registry, domain.name)
+    parent = latest_parent(registry, domain.name)
     public_config = public_view(cfg, domain)
+    eval_set = eval_set_fingerprint(record.info.data["eval"].sha256, cfg.train)
     with tempfile.TemporaryDirectory(prefix="loramill-publish-") as staging_dir:
         staging = Path(staging_dir)
-        for file in (run_dir / "adapter").iterdir():
-            if file.name in ("adapter_config.json", "adapter_model.safetensors"):
-                shutil.copy2(file, staging / file.name)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(run_dir / "adapter" / name, staging / name)
         adapter_config = json.loads((staging / "adapter_config.json").read_text())
         deltas = adapter_deltas(staging)
         samples = sample_answers(cfg, domain, staging)
-        gate = decide_gate(registry, cfg, domain.name, result, force)
-        checks = [
-            {"check": "data files parsed and validated (format, roles or labels, UTF-8, line size)",
-             "result": "passed"},
-            {"check": "trainable parameters == sum of r*(in+out) over target layers"
-                      + (" + the classification head" if cfg.task == "sequence_classification" else ""),
-             "result": "passed"},
-            {"check": "adapter eval loss below base eval loss",
-             "result": "passed" if result["eval_loss"] < result["base_eval_loss"] else "failed"},
-            {"check": f"promotion gate ({cfg.publish.gate_alias})", "result": gate["decision"]},
-        ]
+        gate_decision = apply_gate(registry, cfg, domain, record, staging, eval_set, force)
+        checks = [*record.info.checks, below_base_check(record, eval_set), gate_check(gate_decision),
+                  samples_check(cfg, samples)]
+        version = _next_version_hint(registry, domain.name)
         audit = audit_docs.build_audit(
-            cfg=cfg, domain=domain, result=result, run_info=run_info, history=history,
-            adapter_config=adapter_config, deltas=deltas, samples=samples, tune=tune, parent=parent_audit,
-            gate=gate, checks=checks, public_config=public_config,
+            cfg=cfg, domain=domain, run=record, version=version, adapter_config=adapter_config, deltas=deltas,
+            samples=samples, search=search, parent=parent, gate=gate_decision, checks=checks,
+            public_config=public_config, eval_set=eval_set,
             data_sources={"train": public_source(domain.train), "eval": public_source(domain.eval)},
         )
-        version = _next_version_hint(registry, domain.name)
-        (staging / "audit.json").write_text(json.dumps(audit, indent=1))
+        (staging / "audit.json").write_text(audit.to_json())
         (staging / "audit.md").write_text(audit_docs.render_markdown(audit, version))
         (staging / "README.md").write_text(audit_docs.model_card(audit, version))
         audit_docs.plot_losses(history, staging / "loss_curves.png")
         audit_docs.plot_deltas(deltas, staging / "delta_w.png")
-        published = registry.publish(domain.name, staging, manifest_metadata(cfg, result, run_info, audit))
+        metadata = manifest_metadata(cfg, record, audit)
+        published = registry.publish(domain.name, staging, metadata.model_dump(mode="json"))
     if published.version != version:
         # Another publisher took the number we wrote into the documents; the manifest is authoritative and
         # the audit says which version it was prepared as. Rare; say so rather than hide it.
-        gate["note"] = f"documents were prepared as v{version}; published as v{published.version}"
-    if gate["decision"] in ("promoted", "forced"):
+        gate_decision = gate_decision.model_copy(update={"reason": f"{gate_decision.reason} (documents were "
+                                                         f"prepared as v{version}; published as v{published.version})"})
+    if gate_decision.decision in ("promoted", "forced"):
         try:
             registry.promote(domain.name, published.version, cfg.publish.gate_alias,
-                             expected=gate["current_version"], record={"gate": gate, "by": "loramill publish"})
+                             expected=gate_decision.current_version,
+                             record={"gate": gate_decision.model_dump(mode="json"), "by": "loramill publish"})
         except ConflictError:
-            gate |= {"decision": "not promoted", "reason": f"{cfg.publish.gate_alias} moved while publishing; re-run "
-                     f"`loramill promote {domain.name} v{published.version}`"}
-    return Outcome(published, gate)
+            gate_decision = gate_decision.model_copy(update={
+                "decision": "not promoted", "reason": f"{cfg.publish.gate_alias} moved while publishing; re-run "
+                f"`loramill promote {domain.name} v{published.version}`"})
+    return Outcome(published, gate_decision)
 
 
 def check_publishable(cfg: Config) -> None:
@@ -103,25 +112,36 @@ def check_publishable(cfg: Config) -> None:
                            "publishes LoRA adapters only (lora.method=lora). Its weights stay in the run folder"])
 
 
-def _read_run(run_dir: Path) -> tuple[dict, dict, list]:
-    missing = [f for f in (RESULT_FILE, RUN_INFO_FILE, HISTORY_FILE, "adapter/adapter_model.safetensors")
-               if not (run_dir / f).is_file()]
+def read_run(run_dir: Path) -> tuple[RunRecord, list[dict[str, float]]]:
+    """The run's record and its history; ``RegistryError`` if ``run_dir`` is not a finished loramill run."""
+    missing = [f for f in (RESULT_FILE, HISTORY_FILE, "adapter/adapter_config.json",
+                           "adapter/adapter_model.safetensors") if not (run_dir / f).is_file()]
     if missing:
         raise RegistryError(f"{run_dir} is not a finished loramill run (missing {', '.join(missing)}); "
                             "pass the folder `loramill train` printed")
-    return tuple(json.loads((run_dir / f).read_text()) for f in (RESULT_FILE, RUN_INFO_FILE, HISTORY_FILE))
+    try:
+        record = RunRecord.load(run_dir)
+    except ValidationError as error:
+        raise RegistryError(f"{run_dir / RESULT_FILE} is not a run record of this loramill ({error.error_count()} "
+                            f"problem(s), first: {error.errors()[0]['loc']} {error.errors()[0]['msg']}); train it "
+                            "again with `loramill train`") from None
+    return record, json.loads((run_dir / HISTORY_FILE).read_text())
 
 
-def _latest_audit(registry: Registry, domain: str) -> dict[str, Any] | None:
+def latest_parent(registry: Registry, domain: str) -> Parent | None:
+    """The newest complete version, from its manifest (none of its files are downloaded)."""
     versions = registry.versions(domain)
     if not versions:
         return None
-    with tempfile.TemporaryDirectory() as directory:
-        pulled = registry.pull(domain, versions[-1], Path(directory) / "parent")
-        audit = json.loads((pulled / "audit.json").read_text()) if (pulled / "audit.json").exists() else None
-    if audit is not None:
-        audit["version"] = versions[-1]
-    return audit
+    return Parent(versions[-1], metadata_or_none(registry, domain, versions[-1]))
+
+
+def metadata_or_none(registry: Registry, domain: str, version: int) -> ManifestMetadata | None:
+    """A version's typed metadata, or None for one published by an older loramill (its facts are not read)."""
+    try:
+        return ManifestMetadata.of(registry.manifest(domain, version))
+    except RegistryError:
+        return None
 
 
 def _next_version_hint(registry: Registry, domain: str) -> int:
@@ -129,30 +149,96 @@ def _next_version_hint(registry: Registry, domain: str) -> int:
     return versions[-1] + 1 if versions else 1
 
 
-def decide_gate(registry: Registry, cfg: Config, domain: str, result: dict[str, Any], force: bool) -> dict[str, Any]:
-    """Promote only if better than base, and not worse than the current gate alias by more than the tolerance."""
+# ---------------------------------------------------------------------------------------------
+# The gate, on losses measured on the same eval set
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_gate(registry: Registry, cfg: Config, domain: Domain, record: RunRecord, adapter_dir: Path,
+               eval_set: str, force: bool) -> GateDecision:
+    """Decide the gate on a like-for-like pair: the stored losses when the alias's version was evaluated on this
+    run's eval set, else both adapters (and the base) evaluated here on this run's eval set."""
     alias = cfg.publish.gate_alias
-    current = registry.alias(domain, alias)
-    current_loss = registry.manifest(domain, current.version).metadata["metrics"]["eval_loss"] if current else None
-    numbers = {"alias": alias, "current_version": current.version if current else None,
-               "current_eval_loss": current_loss, "new_eval_loss": result["eval_loss"],
-               "base_eval_loss": result["base_eval_loss"], "tolerance": cfg.publish.gate_tolerance}
-    limit = None if current_loss is None else current_loss * (1 + cfg.publish.gate_tolerance)
-    if result["eval_loss"] >= result["base_eval_loss"]:
-        decision, reason = "not promoted", "eval loss is not below the base model's"
-    elif limit is not None and result["eval_loss"] > limit:
-        decision, reason = "not promoted", f"eval loss {result['eval_loss']:.4f} > {alias} v{current.version}'s " \
-                                            f"{current_loss:.4f} x (1 + {cfg.publish.gate_tolerance:g})"
-    elif limit is None:
-        decision, reason = "promoted", f"no current {alias}; eval loss below base"
+    candidate = Candidate(record.eval_loss, record.base_eval_loss, eval_set)
+    incumbent = stored_incumbent(registry, domain.name, alias, eval_set)
+    if incumbent is not None and incumbent.eval_loss is None:
+        with tempfile.TemporaryDirectory(prefix="loramill-gate-") as directory:
+            current_dir = registry.pull(domain.name, incumbent.version, Path(directory) / "current")
+            losses = evaluate_on_eval_set(cfg, domain, record, {"candidate": adapter_dir, "current": current_dir})
+        candidate = Candidate(losses["candidate"], losses[None], eval_set)
+        incumbent = Incumbent(incumbent.version, losses["current"],
+                              f"both adapters and the base evaluated at this publish on this run's eval set "
+                              f"({incumbent.compared_on})")
+    return decide(alias, cfg.publish.gate_tolerance, candidate, incumbent, force)
+
+
+def evaluate_on_eval_set(cfg: Config, domain: Domain, record: RunRecord,
+                         adapters: dict[str, Path]) -> dict[str | None, float]:
+    """Eval loss of the base (key None) and of each adapter on the run's held-out set, in one process with one
+    base load: the examples, cap and batch size training used. ``DataError`` if the eval file changed since."""
+    import torch
+
+    from lora.data import load_examples, load_labelled_examples
+    from lora.model import dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
+    from lora.serve import load_adapters, use_adapter
+    from lora.train import evaluate
+
+    classify = cfg.task == "sequence_classification"
+    model_dir = resolve_model_dir(cfg.model)
+    backend = dispatch_backend(cfg.quant, use_gpu=False)
+    tokenizer = load_tokenizer(cfg.model, model_dir, chat=not classify)
+    train = cfg.train
+    if classify:
+        examples, stats = load_labelled_examples(domain.eval, domain.storage_options, tokenizer, train.max_seq_len,
+                                                 train.overlong, domain.labels)
     else:
-        decision, reason = "promoted", f"eval loss {result['eval_loss']:.4f} <= {limit:.4f} (tolerance)"
-    if force and decision == "not promoted":
-        decision, reason = "forced", f"--force overrode the gate ({reason})"
-    return numbers | {"decision": decision, "reason": reason}
+        examples, stats = load_examples(domain.eval, domain.storage_options, tokenizer, train.max_seq_len,
+                                        train.overlong)
+    if stats.sha256 != record.info.data["eval"].sha256:
+        raise DataError(f"{redact_url(domain.eval)} changed since run {record.run_name} was trained on it; train "
+                        "again before publishing, so that the audit describes the data the adapter was evaluated on")
+    examples = examples[: train.max_eval_examples] if train.max_eval_examples else examples
+    torch.manual_seed(cfg.train.seed)  # a classifier's new head: initialised as in training
+    base = load_base_model(model_dir, cfg.model, cfg.quant, backend, domain.labels, tokenizer.pad_token_id)
+    model = load_adapters(base, adapters)
+    losses: dict[str | None, float] = {}
+    for name in [None, *adapters]:
+        with use_adapter(model, name):
+            losses[name] = evaluate(model, examples, train.micro_batch_size, tokenizer.pad_token_id,
+                                    backend.device)["eval_loss"]
+    return losses
 
 
-def sample_answers(cfg: Config, domain: Domain, adapter_dir: Path) -> list[dict[str, str]]:
+# ---------------------------------------------------------------------------------------------
+# Checks the audit states, each with its evidence
+# ---------------------------------------------------------------------------------------------
+
+
+def below_base_check(record: RunRecord, eval_set: str) -> Check:
+    examples = record.info.data["eval"].examples_kept
+    return Check(name="adapter eval loss below base eval loss",
+                 status="passed" if record.eval_loss < record.base_eval_loss else "failed",
+                 evidence=f"{record.eval_loss:.4f} vs base {record.base_eval_loss:.4f}, measured in training on "
+                          f"eval set {eval_set[:12]} (from {examples} kept held-out examples)")
+
+
+def gate_check(gate_decision: GateDecision) -> Check:
+    status = "failed" if gate_decision.decision == "not promoted" else "passed"
+    compared = "" if gate_decision.current_eval_loss is None else \
+        f"; {gate_decision.new_eval_loss:.4f} vs {gate_decision.alias} v{gate_decision.current_version}'s " \
+        f"{gate_decision.current_eval_loss:.4f} ({gate_decision.compared_on})"
+    return Check(name=f"promotion gate ({gate_decision.alias})", status=status,
+                 evidence=f"{gate_decision.decision}: {gate_decision.reason}{compared}")
+
+
+def samples_check(cfg: Config, samples: list[Sample]) -> Check:
+    name = "held-out prompts answered by base and adapter side by side"
+    if not samples:
+        return Check(name=name, status="not run", evidence="publish.audit_prompts is 0")
+    return Check(name=name, status="passed", evidence=f"{len(samples)} prompts, greedy, on CPU (section 9)")
+
+
+def sample_answers(cfg: Config, domain: Domain, adapter_dir: Path) -> list[Sample]:
     """The first ``audit_prompts`` held-out user prompts, answered by the base and by the adapter (for a
     classifier: the first held-out texts, with their true label and the labels base and adapter predict)."""
     if cfg.publish.audit_prompts == 0:
@@ -182,9 +268,9 @@ def sample_answers(cfg: Config, domain: Domain, adapter_dir: Path) -> list[dict[
     torch.manual_seed(cfg.train.seed)  # the base's new classification head: initialised as in training
     base = load_base_model(model_dir, cfg.model, cfg.quant, backend, domain.labels, tokenizer.pad_token_id)
     model = load_with_adapter(base, adapter_dir)
-    if classify:
-        return classify_side_by_side(model, tokenizer, prompts, cfg.train.max_seq_len)
-    return side_by_side(model, tokenizer, prompts, cfg.publish.audit_max_new_tokens)
+    answers = classify_side_by_side(model, tokenizer, prompts, cfg.train.max_seq_len) if classify else \
+        side_by_side(model, tokenizer, prompts, cfg.publish.audit_max_new_tokens)
+    return [Sample.model_validate(answer) for answer in answers]
 
 
 def public_source(url: str) -> str:
@@ -200,31 +286,36 @@ def public_source(url: str) -> str:
 
 def public_view(cfg: Config, domain: Domain) -> dict[str, Any]:
     """The config as published: one domain, relative data paths, no storage options or local folders."""
-    view = cfg.model_dump(exclude={"domains": True, "cluster": {"storage_url", "output_dir", "storage_options",
-                                                                "address"},
-                                   "publish": {"storage_options", "store_dir", "registry"}})
+    view = drop_storage_options(cfg.model_dump(exclude={"domains": True,
+                                                        "cluster": {"storage_url", "output_dir", "address"},
+                                                        "publish": {"store_dir", "registry"}}))
     if is_local_path(cfg.model.id) or cfg.model.id.startswith("file://"):
         view["model"]["id"] = public_source(cfg.model.id.removeprefix("file://"))
-    view["domain"] = domain.model_dump(exclude={"storage_options"}) | {
+    view["domain"] = drop_storage_options(domain.model_dump()) | {
         "train": public_source(domain.train), "eval": public_source(domain.eval)}
     return view
 
 
-def manifest_metadata(cfg: Config, result: dict, run_info: dict, audit: dict) -> dict[str, Any]:
-    config = audit["config"]
-    return {
-        "base_model": run_info["base_model"],
-        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-        "data": {split: {"url": audit["data"][split]["url"], "sha256": run_info["data"][split]["sha256"]}
-                 for split in ("train", "eval")},
-        "metrics": {"eval_loss": result["eval_loss"], "base_eval_loss": result["base_eval_loss"],
-                    "steps": result["steps"]}
-                   | ({"eval_accuracy": result["eval_accuracy"], "base_eval_accuracy": result["base_eval_accuracy"]}
-                      if result.get("eval_accuracy") is not None else {}),
-        "run_name": result["run_name"],
-        "loramill_version": importlib.metadata.version("loramill"),
-        "git_commit": _git_commit(),
-    }
+def manifest_metadata(cfg: Config, record: RunRecord, audit: AuditRecord) -> ManifestMetadata:
+    """The facts later stages read from the manifest, taken from the audit so that both say the same."""
+    validation = audit.validation
+    return ManifestMetadata(
+        task=cfg.task,
+        base_model=record.info.base_model,
+        quant=cfg.quant.model_dump(),
+        config=audit.config,
+        config_sha256=hashlib.sha256(json.dumps(audit.config, sort_keys=True).encode()).hexdigest(),
+        data={split: DataFingerprint(url=audit.data[split].url, sha256=audit.data[split].sha256) for split in SPLITS},
+        metrics=Metrics(eval_loss=record.eval_loss, base_eval_loss=record.base_eval_loss, steps=record.steps,
+                        eval_set=validation.eval_set, eval_examples=validation.eval_examples,
+                        eval_accuracy=record.eval_accuracy, base_eval_accuracy=record.base_eval_accuracy),
+        envelope=audit.predetermined_changes.retraining_envelope,
+        checks=validation.checks,
+        gate=validation.gate,
+        run_name=record.run_name,
+        loramill_version=importlib.metadata.version("loramill"),
+        git_commit=_git_commit(),
+    )
 
 
 def _git_commit() -> str | None:

@@ -14,6 +14,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 import ray  # noqa: E402
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from lora.config import Config  # noqa: E402
 
@@ -37,3 +38,22 @@ def ensure_ray(cfg: Config) -> None:
         logging_config=ray.LoggingConfig(log_level="WARNING"),
     )
 
+
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """Pin a task to the driver's node: for tasks that write files (run outputs, sweep results) the driver reads."""
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def autoscaler_node_types() -> list[dict[str, float]]:
+    """The resources of each node type the autoscaler may still start (KubeRay, cluster launcher); [] without one.
+
+    The one private Ray API loramill uses, kept here alone: Ray has no public call for it. Ray Train's worker-group
+    start check (``get_max_resources_from_cluster_config``) and Ray Data's autoscaler read the same config.
+    tests/test_ray_session.py fails when a Ray upgrade moves it or changes its fields.
+    """
+    import ray._private.state
+
+    config = ray._private.state.state.get_cluster_config()
+    if config is None:
+        return []
+    return [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]

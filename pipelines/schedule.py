@@ -1,8 +1,8 @@
 """Schedule stage: retrain a domain when its data changed, inside the change envelope its latest version declared.
 
 A tick, per domain: fingerprint the data (sha256 of the train and eval files, as the train stage records them) →
-compare with the latest published version → check the config against that version's retraining envelope (audit
-``predetermined_changes``) → take the domain's ``retrain`` lock → look again (a concurrent tick may have just
+compare with the latest published version's manifest → check the config against the retraining envelope that
+version's manifest declares → take the domain's ``retrain`` lock → look again (a concurrent tick may have just
 published) → ``loramill run`` the domains still due, together. ``tick`` is one pass over every domain (or those
 named), for system cron or a Kubernetes CronJob, which hold the schedule; ``loop`` runs ticks at each domain's own
 ``schedule`` (cron, read in UTC).
@@ -11,27 +11,23 @@ named), for system cron or a Kubernetes CronJob, which hold the schedule; ``loop
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 from croniter import croniter
 
 from infra.registry import ConflictError, Registry, RegistryError
 from infra.store import StoreError
 from lora.config import Config, ConfigError, Domain
-from lora.data import DataError, read_jsonl
-from lora.model import BackendError, logical_model_id
+from lora.errors import BackendError, DataError
+from lora.model import logical_model_id
 from pipelines import run as run_stage
-from pipelines.publish import open_registry
 from pipelines.errors import TrainingFailed
-from pipelines.train import select_domains
+from pipelines.registry_access import open_registry
+from pipelines.records import SPLITS, ManifestMetadata, RetrainingEnvelope
+from pipelines.train import data_fingerprint, select_domains
 
 LOCK_NAME = "retrain"
 MAX_SLEEP_S = 60.0
@@ -66,7 +62,7 @@ def tick(
     """
     domains = select_domains(cfg, domain_names)
     registry = open_registry(cfg)
-    fingerprints = {d.name: fingerprint(d) for d in domains}
+    fingerprints = {d.name: data_fingerprint(d) for d in domains}
     decisions = {d.name: decide(registry, d.name, fingerprints[d.name], force) for d in domains}
     refuse_outside_envelope(cfg, registry, [d for d in decisions.values() if d.retrain])
     with contextlib.ExitStack() as locks:
@@ -77,7 +73,8 @@ def tick(
             echo(f"{name}: {'retrain' if final[name].retrain else 'skip'} — {final[name].reason}")
         due = [name for name, decision in final.items() if decision.retrain]
         if due:
-            for outcome in run_stage.run(cfg, due):
+            # Forced with unchanged data, the run's identity is that of the published one: start it afresh.
+            for outcome in run_stage.run(cfg, due, fresh=force):
                 final[outcome.training.domain].published = outcome.outcome.published.version
     return list(final.values())
 
@@ -132,25 +129,14 @@ def scheduled_domains(cfg: Config, names: list[str] | None) -> list[Domain]:
     return scheduled
 
 
-def fingerprint(domain: Domain) -> dict[str, str]:
-    """sha256 of the train and eval files: every byte ``read_jsonl`` reads, which is what training records."""
-    digests = {}
-    for split, url in (("train", domain.train), ("eval", domain.eval)):
-        digest = hashlib.sha256()
-        for _ in read_jsonl(url, domain.storage_options, digest):
-            pass
-        digests[split] = digest.hexdigest()
-    return digests
-
-
 def decide(registry: Registry, domain: str, data: dict[str, str], force: bool) -> Decision:
     """Retrain when there is no version yet, the data differs from the latest version's, or when forced."""
     versions = registry.versions(domain)
     if not versions:
         return Decision(domain, True, "no published version yet")
     latest = versions[-1]
-    published = registry.manifest(domain, latest).metadata["data"]
-    changed = [split for split in ("train", "eval") if published[split]["sha256"] != data[split]]
+    published = ManifestMetadata.of(registry.manifest(domain, latest)).data
+    changed = [split for split in SPLITS if published[split].sha256 != data[split]]
     if changed:
         return Decision(domain, True, f"{' and '.join(changed)} data changed since v{latest} "
                                       f"({', '.join(data[s][:12] for s in changed)})")
@@ -165,36 +151,29 @@ def refuse_outside_envelope(cfg: Config, registry: Registry, due: list[Decision]
     for decision in due:
         versions = registry.versions(decision.domain)
         if versions:
-            problems += outside_envelope(cfg, decision.domain, versions[-1], _audit(registry, decision.domain,
-                                                                                    versions[-1]))
+            metadata = ManifestMetadata.of(registry.manifest(decision.domain, versions[-1]))
+            problems += outside_envelope(cfg, decision.domain, versions[-1], metadata.envelope)
     if problems:
         raise ConfigError(problems)
 
 
-def outside_envelope(cfg: Config, domain: str, version: int, audit: dict[str, Any]) -> list[str]:
-    """One ``dotted.path: why`` line per config value outside the envelope that ``version``'s audit declared."""
+def outside_envelope(cfg: Config, domain: str, version: int, envelope: RetrainingEnvelope) -> list[str]:
+    """One ``dotted.path: why`` line per config value outside the envelope that ``version`` declared."""
     fix = ("a change this large is a new model, not a retraining: run `loramill run` by hand (its audit declares a "
            "new envelope) or set the value back")
-    envelope = audit["predetermined_changes"]["retraining_envelope"]
     problems = []
-    for path, value, key in (("lora.r", cfg.lora.r, "lora_r"), ("lora.alpha", cfg.lora.alpha, "lora_alpha"),
-                             ("train.learning_rate", cfg.train.learning_rate, "learning_rate")):
-        low, high = envelope[key]
+    for path, value, (low, high) in (("lora.r", cfg.lora.r, envelope.lora_r),
+                                     ("lora.alpha", cfg.lora.alpha, envelope.lora_alpha),
+                                     ("train.learning_rate", cfg.train.learning_rate, envelope.learning_rate)):
         if not low <= value <= high:
             problems.append(f"{path}: {value:g} is outside {domain}'s retraining envelope [{low:g}, {high:g}] "
                             f"declared by v{version}; {fix}")
-    for path, value, key in (("model.id", logical_model_id(cfg.model), "base_model"),
-                             ("quant.mode", cfg.quant.mode, "quantization")):
-        if value != envelope[key]:
-            problems.append(f"{path}: {value!r} differs from {envelope[key]!r}, fixed by {domain}'s retraining "
+    for path, value, fixed in (("model.id", logical_model_id(cfg.model), envelope.base_model),
+                               ("quant.mode", cfg.quant.mode, envelope.quantization)):
+        if value != fixed:
+            problems.append(f"{path}: {value!r} differs from {fixed!r}, fixed by {domain}'s retraining "
                             f"envelope declared by v{version}; {fix}")
     return problems
-
-
-def _audit(registry: Registry, domain: str, version: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="loramill-schedule-") as directory:
-        pulled = registry.pull(domain, version, Path(directory) / "version")
-        return json.loads((pulled / "audit.json").read_text())
 
 
 def _duration(seconds: float) -> str:

@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,46 +41,23 @@ from lora.model import (
     resolve_model_dir,
     weights_sha256,
 )
+from lora.redact import drop_storage_options
 from lora.train import (
     HISTORY_FILE,
     STATE_FILE,
     Shard,
     TrainState,
     build_optimizer,
+    eval_share,
     load_training_state,
     save_training_state,
     total_steps,
     train,
 )
 from pipelines.errors import TrainingFailed
-from pipelines.ray_session import ensure_ray
+from pipelines.ray_session import autoscaler_node_types, ensure_ray
+from pipelines.records import RESULT_FILE, RUN_INFO_FILE, SPLITS, Check, DataSplit, RunInfo, RunRecord, run_identity
 
-RUN_INFO_FILE = "run_info.json"
-RESULT_FILE = "result.json"
-
-
-@dataclass
-class DomainResult:
-    """A finished domain run, as it lies in ``output_dir``."""
-
-    domain: str
-    run_name: str
-    output_dir: Path
-    steps: int
-    base_eval_loss: float
-    eval_loss: float
-    eval_accuracy: float | None
-    """Held-out accuracy (sequence classification); None for causal LMs."""
-    base_eval_accuracy: float | None
-    trainable_params: int
-    total_params: int
-    train_seconds: float
-    wall_seconds: float
-
-    @classmethod
-    def load(cls, output_dir: Path) -> DomainResult:
-        facts = json.loads((output_dir / RESULT_FILE).read_text())
-        return cls(output_dir=output_dir, **{k: facts.get(k) for k in cls.__dataclass_fields__ if k != "output_dir"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +110,8 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
     model = prepare_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
     trainable, total = parameter_counts(model)
 
-    shard = Shard(train_examples, eval_examples[rank::world_size], rank, world_size)
+    shard = Shard(train_examples, eval_share(eval_examples, cfg.train.max_eval_examples, rank, world_size), rank,
+                  world_size)
     steps = total_steps(shard, cfg.train)
     optimizer, scheduler = build_optimizer(model, cfg.train, steps)
     state = TrainState()
@@ -145,29 +124,30 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     base_model_id = logical_model_id(cfg.model)
-    run_info = {
-        "domain": domain.name,
-        "task": cfg.task,
-        "method": cfg.lora.method,
-        "labels": domain.labels,
-        "base_model": {
-            "id": base_model_id,
-            "revision": cfg.model.revision,
-            "weights_sha256": weights_sha256(model_dir),
-        },
-        "trainable_params": trainable,
-        "total_params": total,
-        "total_steps": steps,
-        "data": {"train": train_stats.to_dict(), "eval": eval_stats.to_dict()},
-        "hardware": {
-            "device": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else platform.processor() or platform.machine(),
+    data = {"train": DataSplit.model_validate(train_stats.to_dict()),
+            "eval": DataSplit.model_validate(eval_stats.to_dict())}
+    run_info = RunInfo(
+        domain=domain.name,
+        task=cfg.task,
+        method=cfg.lora.method,
+        labels=domain.labels,
+        base_model={"id": base_model_id, "revision": cfg.model.revision, "weights_sha256": weights_sha256(model_dir)},
+        trainable_params=trainable,
+        total_params=total,
+        total_steps=steps,
+        data=data,
+        hardware={
+            "device": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "workers": world_size,
             "use_gpu": cfg.cluster.use_gpu,
             "cpus_per_worker": cfg.cluster.cpus_per_worker,
         },
-        "compute_dtype": str(backend.compute_dtype).removeprefix("torch."),
-        "kernels": kernels,
-    }
+        compute_dtype=str(backend.compute_dtype).removeprefix("torch."),
+        kernels=kernels,
+        checks=[data_check(data), trainable_check(cfg, trainable)],
+        resumed_from_step=state.resumed_from_step,
+    )
 
     def report(metrics: dict[str, float], state: TrainState, save: bool) -> None:
         if not save:
@@ -176,7 +156,7 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:
                 save_training_state(Path(directory), model, optimizer, scheduler, state, base_model_id)
-                (Path(directory) / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=1))
+                run_info.write(Path(directory) / RUN_INFO_FILE)
             session.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
 
     bar = _progress_bar(rank, f"{domain.name} train", steps, state.step)
@@ -189,6 +169,26 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
         _give_back_base_model(base_key, model)
         if bar:
             bar.close()
+
+
+def data_check(data: dict[str, DataSplit]) -> Check:
+    """Every record was parsed and validated while tokenizing (``load_examples`` raises ``DataError`` otherwise)."""
+    evidence = "; ".join(f"{split}: {d.examples_read} records read, {d.examples_kept} kept, {d.dropped_overlong} "
+                         f"dropped and {d.truncated_overlong} truncated as overlong, sha256 {d.sha256[:12]}"
+                         for split, d in data.items())
+    return Check(name="data files parsed and validated (format, roles or labels, UTF-8, line size)",
+                 status="passed", evidence=evidence)
+
+
+def trainable_check(cfg: Config, trainable: int) -> Check:
+    """``prepare_trainable`` stops the run when the trainable count differs from the one computed from the shapes."""
+    name = "trainable parameters match the count computed from the base's shapes"
+    if cfg.lora.method == "full":
+        return Check(name=name, status="not run", evidence="lora.method=full trains every weight; nothing to compare")
+    rule = {"lora": f"r={cfg.lora.r} x (in + out) summed over the target layers"
+                    + (" + the classification head" if cfg.task == "sequence_classification" else ""),
+            "last_layers": f"the parameters of the last {cfg.lora.last_layers} blocks and the head"}[cfg.lora.method]
+    return Check(name=name, status="passed", evidence=f"{trainable:,} trainable = {rule}")
 
 
 # Per-process caches. A Tune actor runs trial after trial (reuse_actors=True), each through train_domain; without
@@ -284,9 +284,12 @@ def _progress_bar(rank: int, desc: str, total: int, done: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_name(cfg: Config, domain: Domain) -> str:
-    """Same config and data location -> same name -> Ray Train resumes that run's latest checkpoint."""
-    identity = {
+def run_name(cfg: Config, domain: Domain, data_sha256: dict[str, str], fresh: str | None = None) -> str:
+    """Same config and same data bytes -> same name -> Ray Train resumes that run's latest checkpoint.
+
+    ``fresh`` (a UTC time stamp) starts a new run however much of an identical one exists: a forced retraining.
+    """
+    config = {
         "task": cfg.task,
         "labels": domain.labels,
         "model": cfg.model.model_dump(),
@@ -294,10 +297,19 @@ def run_name(cfg: Config, domain: Domain) -> str:
         "lora": cfg.lora.model_dump(),
         "train": cfg.train.model_dump(),
         "workers": cfg.cluster.workers_per_domain,
-        "data": [domain.train, domain.eval],
     }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{domain.name}-{digest}"
+    return f"{domain.name}-{run_identity(config, data_sha256)}" + (f"-{fresh}" if fresh else "")
+
+
+def data_fingerprint(domain: Domain) -> dict[str, str]:
+    """Validate the domain's train and eval files (``DataError`` names the file and line) and return the sha256 of
+    each: every byte ``read_jsonl`` reads, which is what the worker records while tokenizing."""
+    fingerprints = {}
+    for split, url in zip(SPLITS, (domain.train, domain.eval)):
+        digest = hashlib.sha256()
+        check_file(url, domain.storage_options, domain.labels, digest)
+        fingerprints[split] = digest.hexdigest()
+    return fingerprints
 
 
 def storage(cfg: Config) -> tuple[str, Any]:
@@ -336,43 +348,55 @@ def build_trainer(cfg: Config, domain: Domain, name: str, callbacks: list | None
 
 
 @ray.remote(num_cpus=0.01)
-def fit_domain(cfg_dict: dict[str, Any], domain_name: str) -> dict[str, Any]:
+def fit_domain(cfg_dict: dict[str, Any], domain_name: str, data_sha256: dict[str, str],
+               fresh: str | None) -> dict[str, Any]:
     """Fit one domain's TorchTrainer and copy its final checkpoint into the local output folder."""
     cfg = Config.model_validate(cfg_dict)
     domain = cfg.domain(domain_name)
-    name = run_name(cfg, domain)
+    name = run_name(cfg, domain, data_sha256, fresh)
     started = time.time()
     result = build_trainer(cfg, domain, name).fit()
-    return collect_output(cfg, domain, name, result.checkpoint, time.time() - started)
+    return collect_output(cfg, domain, name, data_sha256, result.checkpoint, time.time() - started)
 
 
-def collect_output(cfg: Config, domain: Domain, name: str, checkpoint: Checkpoint, wall: float) -> dict[str, Any]:
-    """Write ``output_dir/<domain>/<run>/`` atomically: everything but optimizer state, plus result.json."""
+def collect_output(cfg: Config, domain: Domain, name: str, data_sha256: dict[str, str], checkpoint: Checkpoint,
+                   wall: float) -> dict[str, Any]:
+    """Write ``output_dir/<domain>/<run>/`` atomically: everything but optimizer state, plus result.json.
+
+    Raises ``TrainingFailed`` if the worker read other bytes than the run is named after (the data changed between
+    the driver's fingerprint and the worker's read): the run's name would then lie about what it trained on.
+    """
     target = Path(cfg.cluster.output_dir) / domain.name / name
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     checkpoint.to_directory(str(partial))
     (partial / STATE_FILE).unlink()
     history = json.loads((partial / HISTORY_FILE).read_text())
-    info = json.loads((partial / RUN_INFO_FILE).read_text())
+    info = RunInfo.model_validate_json((partial / RUN_INFO_FILE).read_text())
+    read = {split: info.data[split].sha256 for split in SPLITS}
+    if read != data_sha256:
+        shutil.rmtree(partial)
+        changed = [split for split in SPLITS if read[split] != data_sha256[split]]
+        raise TrainingFailed(f"domain {domain.name!r}: the {' and '.join(changed)} data changed while the run "
+                             "started (the worker read other bytes than the driver fingerprinted); run it again")
     evals = [h for h in history if "eval_loss" in h]
-    facts = {
-        "domain": domain.name,
-        "run_name": name,
-        "steps": history[-1]["step"],
-        "base_eval_loss": evals[0]["eval_loss"],
-        "eval_loss": evals[-1]["eval_loss"],
-        "eval_accuracy": evals[-1].get("eval_accuracy"),
-        "base_eval_accuracy": evals[0].get("eval_accuracy"),
-        "trainable_params": info["trainable_params"],
-        "total_params": info["total_params"],
-        "train_seconds": history[-1].get("train_seconds", 0.0),
-        "wall_seconds": wall,
-        # storage_options may hold object-store credentials, and run folders get shared and copied: leave them out.
-        "config": cfg.model_dump(exclude={"cluster": {"storage_options"}, "publish": {"storage_options"},
-                                          "domains": {"__all__": {"storage_options"}}}),
-    }
-    (partial / RESULT_FILE).write_text(json.dumps(facts, indent=1))
+    record = RunRecord(
+        domain=domain.name,
+        run_name=name,
+        steps=history[-1]["step"],
+        base_eval_loss=evals[0]["eval_loss"],
+        eval_loss=evals[-1]["eval_loss"],
+        eval_accuracy=evals[-1].get("eval_accuracy"),
+        base_eval_accuracy=evals[0].get("eval_accuracy"),
+        trainable_params=info.trainable_params,
+        total_params=info.total_params,
+        train_seconds=history[-1].get("train_seconds", 0.0),
+        wall_seconds=wall,
+        config=drop_storage_options(cfg.model_dump()),  # credentials stay out of run folders, which get copied
+        info=info,
+        output_dir=target,
+    )
+    record.write(partial / RESULT_FILE)
     if target.exists():
         shutil.rmtree(target)
     partial.rename(target)
@@ -384,15 +408,16 @@ def collect_output(cfg: Config, domain: Domain, name: str, checkpoint: Checkpoin
 # ---------------------------------------------------------------------------------------------
 
 
-def preflight(cfg: Config, domains: list[Domain]) -> None:
-    """Refuse what cannot run before any Ray work starts: data, bitsandbytes, GPUs, worker sizes."""
-    for domain in domains:
-        for url in (domain.train, domain.eval):
-            check_file(url, domain.storage_options, domain.labels)
+def preflight(cfg: Config, domains: list[Domain]) -> dict[str, dict[str, str]]:
+    """Refuse what cannot run before any Ray work starts: data, bitsandbytes, GPUs, worker sizes. Returns each
+    domain's data fingerprint (``data_fingerprint``)."""
+    fingerprints = {domain.name: data_fingerprint(domain) for domain in domains}
     if cfg.quant.mode == "nf4":
         check_bitsandbytes()
+    resolve_model_dir(cfg.model)  # fill the model cache here, once, rather than in every worker at once
     ensure_ray(cfg)
     check_fit(cfg, domains)
+    return fingerprints
 
 
 def _domain_need(cfg: Config, domain: Domain) -> dict[str, float]:
@@ -415,11 +440,7 @@ def node_offers() -> list[dict[str, float]]:
     Node types come from the cluster config the autoscaler reports (KubeRay, cluster launcher), the source Ray
     Train's own pre-start check reads; a cluster without an autoscaler has none.
     """
-    offers = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    autoscaling = ray._private.state.state.get_cluster_config()
-    if autoscaling is not None:
-        offers += [dict(group.resources) for group in autoscaling.node_group_configs if group.max_count != 0]
-    return offers
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]] + autoscaler_node_types()
 
 
 def check_fit(cfg: Config, domains: list[Domain]) -> None:
@@ -449,14 +470,17 @@ def select_domains(cfg: Config, names: list[str] | None) -> list[Domain]:
     return [cfg.domain(n) for n in names] if names else list(cfg.domains)
 
 
-def run(cfg: Config, domain_names: list[str] | None = None,
-        domain_configs: dict[str, Config] | None = None) -> list[DomainResult]:
+def run(cfg: Config, domain_names: list[str] | None = None, domain_configs: dict[str, Config] | None = None,
+        *, fresh: bool = False) -> list[RunRecord]:
     """Train every selected domain (concurrently as resources allow); results as they lie in ``output_dir``.
 
-    ``domain_configs`` replaces ``cfg`` for the domains it names (e.g. with their tuned LoRA values).
+    ``domain_configs`` replaces ``cfg`` for the domains it names (e.g. with their tuned LoRA values). A run with
+    the same config and data as an earlier one resumes it (a finished one trains no step); ``fresh`` starts new
+    runs whatever exists.
     """
     domains = select_domains(cfg, domain_names)
-    preflight(cfg, domains)
+    fingerprints = preflight(cfg, domains)
+    started_at = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") if fresh else None
     configs = {d.name: (domain_configs or {}).get(d.name, cfg) for d in domains}
     # Pinned to the driver's node: fit_domain writes output_dir there, and the driver reads it locally.
     on_this_node = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
@@ -469,8 +493,8 @@ def run(cfg: Config, domain_names: list[str] | None = None,
         while waiting and (not pending or _fits(_domain_need(configs[waiting[0].name], waiting[0]), in_use, capacity)):
             domain = waiting.pop(0)
             need = _domain_need(configs[domain.name], domain)
-            ref = fit_domain.options(scheduling_strategy=on_this_node).remote(configs[domain.name].model_dump(),
-                                                                               domain.name)
+            ref = fit_domain.options(scheduling_strategy=on_this_node).remote(
+                configs[domain.name].model_dump(), domain.name, fingerprints[domain.name], started_at)
             pending[ref] = (domain.name, need)
             in_use = {k: in_use.get(k, 0) + need.get(k, 0) for k in in_use.keys() | need.keys()}
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -481,8 +505,10 @@ def run(cfg: Config, domain_names: list[str] | None = None,
         except ray.exceptions.RayTaskError as e:
             for other in pending:
                 ray.cancel(other)
+            if isinstance(e.cause, TrainingFailed):
+                raise e.cause from None
             raise TrainingFailed(
                 f"domain {name!r}: training failed after {cfg.cluster.max_failures} restart(s): {e.cause}"
             ) from None
-        results.append(DomainResult.load(Path(output["output_dir"])))
+        results.append(RunRecord.load(Path(output["output_dir"])))
     return sorted(results, key=lambda r: [d.name for d in domains].index(r.domain))

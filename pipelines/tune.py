@@ -34,6 +34,8 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from lora.config import Config, ConfigError, Domain, TuneSettings
 from lora.data import check_file
+from pipelines.errors import TrainingFailed
+from pipelines.ray_session import on_this_node
 from pipelines.train import (
     WorkerSession,
     build_trainer,
@@ -191,18 +193,19 @@ def search_space(settings: TuneSettings) -> dict[str, Any]:
     return space
 
 
-def experiment_name(cfg: Config, domain: Domain) -> str:
-    """Same config, data and search space -> same name -> ``--resume`` finds the sweep. The concurrency cap is
-    left out: resuming on a bigger or smaller cluster is the same sweep."""
-    identity = {"run": run_name(cfg, domain), "tune": cfg.tune.model_dump(exclude={"max_concurrent_trials"})}
+def experiment_name(cfg: Config, domain: Domain, data_sha256: dict[str, str]) -> str:
+    """Same config, data bytes (``data_sha256``, from ``preflight``) and search space -> same name -> ``--resume``
+    finds the sweep. The concurrency cap is left out: resuming on a bigger or smaller cluster is the same sweep."""
+    identity = {"run": run_name(cfg, domain, data_sha256),
+                "tune": cfg.tune.model_dump(exclude={"max_concurrent_trials"})}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return f"{domain.name}-{digest}"
 
 
-def experiment_path(cfg: Config, domain: Domain) -> tuple[str, Any]:
+def experiment_path(cfg: Config, domain: Domain, data_sha256: dict[str, str]) -> tuple[str, Any]:
     """(``<storage>/tune/<domain>-<hash>``, pyarrow filesystem or None)."""
     storage_path, filesystem = storage(cfg)
-    return f"{storage_path.rstrip('/')}/tune/{experiment_name(cfg, domain)}", filesystem
+    return f"{storage_path.rstrip('/')}/tune/{experiment_name(cfg, domain, data_sha256)}", filesystem
 
 
 def trial_name(domain_name: str, trial: Any) -> str:
@@ -216,9 +219,11 @@ def trial_resources(cfg: Config, domain: Domain) -> PlacementGroupFactory:
     return PlacementGroupFactory([worker_resources(cfg, domain)])
 
 
-def build_tuner(cfg: Config, domain: Domain, schedule: Schedule, concurrency: int, resume: bool) -> Tuner:
-    """A new Tuner for this domain's sweep, or the interrupted one restored (finished trials stay finished)."""
-    path, filesystem = experiment_path(cfg, domain)
+def build_tuner(cfg: Config, domain: Domain, path: str, schedule: Schedule, concurrency: int,
+                resume: bool) -> Tuner:
+    """A new Tuner for this domain's sweep at ``path`` (``experiment_path``), or the interrupted one restored
+    (finished trials stay finished)."""
+    filesystem = storage(cfg)[1]
     storage_path, experiment = path.rsplit("/", 1)
     # Registered under the sweep's own name: Tune keeps trainables in a job-wide registry keyed by name, and a
     # function's name ("tune_trial") is the same in every sweep task, so domains swept side by side ran whichever
@@ -283,17 +288,20 @@ class AshaRungs(ray.tune.Callback):
 
 
 @ray.remote(num_cpus=0)  # a task blocked in Tune's loop needs no CPU; a share would keep a trial from fitting
-def sweep_domain(cfg_dict: dict[str, Any], domain_name: str, schedule: dict[str, Any], concurrency: int,
-                 resume: bool) -> str:
-    """Run (or resume) one domain's sweep and write its results, plot and best configuration; returns the folder."""
+def sweep_domain(cfg_dict: dict[str, Any], domain_name: str, experiment: str, schedule: dict[str, Any],
+                 concurrency: int, resume: bool) -> str:
+    """Run (or resume) one domain's sweep and write its results, plot and best configuration; returns the folder.
+    ``TrainingFailed`` when every trial failed."""
     cfg, plan = Config.model_validate(cfg_dict), Schedule(**schedule)
     domain = cfg.domain(domain_name)
-    grid = build_tuner(cfg, domain, plan, concurrency, resume).fit()
-    return str(write_outputs(cfg, collect_sweep(cfg, domain, grid, plan, concurrency)))
+    grid = build_tuner(cfg, domain, experiment, plan, concurrency, resume).fit()
+    return str(write_outputs(cfg, collect_sweep(cfg, domain, experiment, grid, plan, concurrency)))
 
 
-def collect_sweep(cfg: Config, domain: Domain, grid: Any, schedule: Schedule, concurrency: int) -> SweepResult:
-    """Each trial's values and eval-loss curve from Tune's results; the best is the lowest final eval loss."""
+def collect_sweep(cfg: Config, domain: Domain, experiment: str, grid: Any, schedule: Schedule,
+                  concurrency: int) -> SweepResult:
+    """Each trial's values and eval-loss curve from Tune's results; the best is the lowest final eval loss.
+    ``TrainingFailed`` when no trial reported one."""
     trials = sorted((trial_result(cfg, r) for r in grid), key=lambda t: t.trial_id)
     # All trials plan the same number of steps (data and batch sizes are not swept); ASHA never stops the first
     # trial to reach a rung, so the longest trial ran them all.
@@ -305,9 +313,9 @@ def collect_sweep(cfg: Config, domain: Domain, grid: Any, schedule: Schedule, co
                     key=lambda t: (t.eval_loss, t.trial_id))
     if not ranked:
         first_error = next((t.error for t in trials if t.error), "no trial reported an eval loss")
-        raise RuntimeError(f"every trial of the {domain.name} sweep failed; the first: {first_error}")
+        raise TrainingFailed(f"domain {domain.name!r}: every trial of the sweep failed; the first: {first_error}")
     return SweepResult(
-        domain=domain.name, experiment=experiment_path(cfg, domain)[0], search=cfg.tune.search,
+        domain=domain.name, experiment=experiment, search=cfg.tune.search,
         planned_steps=planned, concurrency=concurrency, best=ranked[0].trial_id,
         trials=trials, warnings=schedule.warnings,
     )
@@ -480,12 +488,13 @@ def trials_per_domain(cfg: Config, domains: list[Domain]) -> dict[str, int]:
     return per_domain
 
 
-def check_resumable(cfg: Config, domains: list[Domain], resume: bool) -> None:
+def check_resumable(cfg: Config, domains: list[Domain], fingerprints: dict[str, dict[str, str]],
+                    resume: bool) -> None:
     """Without ``--resume``, refuse to start over a sweep that exists: its finished trials would be orphaned."""
     if resume:
         return
     for domain in domains:
-        path, filesystem = experiment_path(cfg, domain)
+        path, filesystem = experiment_path(cfg, domain, fingerprints[domain.name])
         if Tuner.can_restore(path, storage_filesystem=filesystem):
             raise ConfigError([f"tune: a {domain.name} sweep with this config exists at {path}; pass --resume to "
                                "continue it (finished trials are kept), or delete that folder to start over"])
@@ -498,20 +507,32 @@ def run(cfg: Config, domain_names: list[str] | None = None, resume: bool = False
                            "(lora.method=lora)"])
     domains = select_domains(cfg, domain_names)
     schedules = {d.name: plan_schedule(cfg, d) for d in domains}
-    check_resumable(cfg, domains, resume)
-    preflight(cfg, domains)
+    fingerprints = preflight(cfg, domains)
+    check_resumable(cfg, domains, fingerprints, resume)
     per_domain = trials_per_domain(cfg, domains)
     for schedule in schedules.values():
         for warning in schedule.warnings:
             log.warning(warning)
+    # Pinned to the driver's node, as the train stage's runs: sweep_domain writes output_dir there for the driver.
+    on_driver = on_this_node()
     pending = {
-        sweep_domain.remote(cfg.model_dump(), d.name, asdict(schedules[d.name]), per_domain[d.name], resume): d.name
+        sweep_domain.options(scheduling_strategy=on_driver).remote(
+            cfg.model_dump(), d.name, experiment_path(cfg, d, fingerprints[d.name])[0], asdict(schedules[d.name]),
+            per_domain[d.name], resume): d.name
         for d in domains
     }
     results = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
-        results[pending.pop(done[0])] = SweepResult.load(Path(ray.get(done[0])))
+        name = pending.pop(done[0])
+        try:
+            results[name] = SweepResult.load(Path(ray.get(done[0])))
+        except ray.exceptions.RayTaskError as e:
+            for other in pending:
+                ray.cancel(other)
+            if isinstance(e.cause, TrainingFailed):
+                raise e.cause from None
+            raise TrainingFailed(f"domain {name!r}: the sweep failed: {e.cause}") from None
     return [results[d.name] for d in domains]
 
 

@@ -26,7 +26,8 @@ from rich.text import Text
 from infra.registry import MANIFEST, IntegrityError, Manifest, Registry, RegistryError
 from lora.config import Config, ConfigError, Quantization
 from lora.model import cache_dir, logical_model_id, resolve_model_dir, weights_sha256
-from pipelines.publish import open_registry
+from pipelines.records import TrainedOn
+from pipelines.registry_access import open_registry
 
 EXPORT_SCHEMA = 1
 BASE = "base"
@@ -218,8 +219,10 @@ def check_base(cfg: Config, model_dir: Path | str, adapter: Fetched) -> dict[str
     """
     config_base = {"id": logical_model_id(cfg.model), "revision": cfg.model.revision,
                    "weights_sha256": weights_sha256(model_dir)}
-    published = adapter.manifest.metadata.get("base_model")
-    if not isinstance(published, dict) or not published.get("id"):
+    recorded = TrainedOn.of(adapter.manifest).base_model
+    if recorded is not None:
+        published = recorded.model_dump()
+    else:
         adapter_config = json.loads((adapter.path / "adapter_config.json").read_text())
         published = {"id": adapter_config.get("base_model_name_or_path"), "revision": None, "weights_sha256": None}
     hashes = (published.get("weights_sha256"), config_base["weights_sha256"])
@@ -240,13 +243,9 @@ def check_base(cfg: Config, model_dir: Path | str, adapter: Fetched) -> dict[str
 
 
 def trained_quant(cfg: Config, adapter: Fetched) -> tuple[Quantization, str]:
-    """How the adapter's base was loaded in training: from its published audit.json, else the config's."""
-    audit = adapter.path / "audit.json"
-    if audit.is_file():
-        recorded = json.loads(audit.read_text()).get("config", {}).get("quant")
-        if isinstance(recorded, dict):
-            return Quantization.model_validate(recorded), "audit.json"
-    return cfg.quant, "config"
+    """How the adapter's base was loaded in training: as its manifest records it, else the config's."""
+    recorded = TrainedOn.of(adapter.manifest).quant
+    return (recorded, "manifest") if recorded is not None else (cfg.quant, "config")
 
 
 def export_manifest(folder: Path, base_model: dict[str, Any], registry: Registry, adapter: Fetched,

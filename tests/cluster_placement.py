@@ -41,7 +41,8 @@ def node_of_worker(cfg_dict: dict[str, Any], domain_name: str, storage: str) -> 
     """Where the domain's Ray Train worker lands: the stage's ScalingConfig, a trivial train function."""
     cfg = Config.model_validate(cfg_dict)
     domain = cfg.domain(domain_name)
-    scaling = train.build_trainer(cfg, domain, train.run_name(cfg, domain)).scaling_config
+    name = train.run_name(cfg, domain, train.data_fingerprint(domain))
+    scaling = train.build_trainer(cfg, domain, name).scaling_config
     trainer = TorchTrainer(report_node, scaling_config=scaling,
                            run_config=RunConfig(name=f"placement-{domain_name}", storage_path=storage))
     return trainer.fit().metrics["node_id"]

@@ -136,6 +136,9 @@ def test_a_classifier_trains_on_ray_and_publishes_with_its_audit(ray_cluster, cl
     assert [(s["prompt"], s["expected"]) for s in audit["samples"]] == [(r["text"], r["label"]) for r in first_eval]
     assert all(s["adapter"] in LABELS and s["base"] in LABELS for s in audit["samples"])
     assert "text-classification" in (pulled / "README.md").read_text()
+    report = (pulled / "audit.md").read_text()
+    # One validation table, with the classifier's columns (no perplexity header left above it).
+    assert report.count("| model | eval loss |") == 1 and "| model | eval loss | accuracy |\n|---|---|---|\n" in report
     assert registry.manifest("reviews", 1).metadata["metrics"]["eval_accuracy"] == facts["eval_accuracy"]
 
     # The published adapter (LoRA + the trained head) gives the run's eval accuracy when loaded with PEFT.

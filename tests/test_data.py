@@ -5,8 +5,10 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from lora.data import IGNORE_INDEX, DataError, check_file, load_examples, redact_url, to_messages, tokenize_messages
+from lora.data import IGNORE_INDEX, check_file, load_examples, to_messages, tokenize_messages
+from lora.errors import DataError
 from lora.model import builtin_smollm2
+from lora.redact import redact_url
 
 
 @pytest.fixture(scope="module")

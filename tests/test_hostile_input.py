@@ -26,7 +26,9 @@ from typer.testing import CliRunner
 from infra.registry import Registry, RegistryError, validate_name
 from infra.store import StoreInfo
 from lora.config import ConfigError, Domain, load_config
-from lora.data import MAX_LINE_BYTES, DataError, check_file, redact_url
+from lora.data import MAX_LINE_BYTES, check_file
+from lora.errors import DataError
+from lora.redact import redact_url
 from pipelines.cli import app
 
 runner = CliRunner()

@@ -1,12 +1,17 @@
-"""Model side: 4-bit NF4 on CPU, the trainable-count check, resumable training state."""
+"""Model side: 4-bit NF4 on CPU, the trainable-count check, resumable training state, the cached weights hash."""
+
+import hashlib
+import json
+import os
 
 import pytest
 import torch
 
+from lora import model as lora_model
 from lora.config import ConfigError, LoraSettings, ModelSource, Quantization, Training
 from lora.data import load_examples
+from lora.errors import BackendError
 from lora.model import (
-    BackendError,
     apply_lora,
     check_bitsandbytes,
     dispatch_backend,
@@ -138,3 +143,80 @@ def test_resumed_training_equals_uninterrupted(tiny_model_dir, tmp_path):
         for key in ("train_loss", "eval_loss"):
             if key in straight:
                 assert resumed[key] == pytest.approx(straight[key], abs=5e-3), (resumed, straight)
+
+
+def test_base_weights_are_hashed_once_and_again_when_a_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMILL_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "base"
+    folder.mkdir()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"weights v1")
+    real = hashlib.sha256(b"weights v1").hexdigest()
+    assert lora_model.weights_sha256(folder) == real  # one file: its own sha256
+    [record_path] = (tmp_path / "cache" / "weight-hashes").iterdir()
+    record = json.loads(record_path.read_text())
+    assert record["files"]["model.safetensors"]["sha256"] == real
+
+    # A new process (no in-memory memo) takes the hash from the record, without reading the file: a record
+    # that says otherwise wins while the file's size and mtime are unchanged.
+    lora_model._weight_hashes.clear()
+    record["files"]["model.safetensors"]["sha256"] = "f" * 64
+    record_path.write_text(json.dumps(record))
+    assert lora_model.weights_sha256(folder) == "f" * 64
+
+    # Touched (new mtime, same size): read again, and the record corrected.
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert lora_model.weights_sha256(folder) == real
+    assert json.loads(record_path.read_text())["files"]["model.safetensors"]["sha256"] == real
+
+    # Rewritten in memory's sight (size changes): this process notices too.
+    weights.write_bytes(b"weights v2, longer")
+    assert lora_model.weights_sha256(folder) == hashlib.sha256(b"weights v2, longer").hexdigest()
+
+    # Sharded weights: the sha256 of the files' "name sha256" lines.
+    (folder / "model-2.safetensors").write_bytes(b"shard 2")
+    lines = "".join(f"{f.name} {hashlib.sha256(f.read_bytes()).hexdigest()}\n" for f in sorted(folder.iterdir()))
+    assert lora_model.weights_sha256(folder) == hashlib.sha256(lines.encode()).hexdigest()
+    assert lora_model.weights_sha256(tmp_path / "not-there") is None
+
+
+def test_ddp_all_reduces_once_per_optimizer_step(tiny_model_dir, tmp_path):
+    """grad_accum=2 under DDP: every micro batch but the step's last runs in no_sync, so the gradients are all-reduced
+    once per optimizer step (a comm hook counts the bucket all-reduces), and the steps are those of an unwrapped
+    model's plain accumulation."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    tokenizer = load_tokenizer(ModelSource(id=str(tiny_model_dir)), tiny_model_dir)
+    examples, _ = load_examples(str(DATA / "support/train.jsonl"), {}, tokenizer, 256, "drop")
+    shard = Shard(examples[:16], examples[16:18], rank=0, world_size=1)
+
+    def history(grad_accum: int, ddp: bool) -> tuple[list[dict], int]:
+        cfg = Training(max_steps=3, learning_rate=1e-2, micro_batch_size=2, grad_accum=grad_accum, eval_every=3,
+                       checkpoint_every=3, warmup_steps=0)
+        torch.manual_seed(0)
+        model, backend = load(tiny_model_dir)
+        optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
+        all_reduces = []
+        if ddp:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+            model.register_comm_hook(None, lambda group, bucket: all_reduces.append(bucket.index()) or
+                                     allreduce_hook(group, bucket))
+        state = train(model, optimizer, scheduler, shard, cfg, TrainState(), lambda *_: None,
+                      pad_id=tokenizer.pad_token_id, device=backend.device)
+        return [{k: v for k, v in h.items() if k != "train_seconds"} for h in state.history], len(all_reduces)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        _, per_step = history(grad_accum=1, ddp=True)
+        assert per_step % 3 == 0 and per_step > 0
+        buckets = per_step // 3
+        accumulated, all_reduces = history(grad_accum=2, ddp=True)
+        assert all_reduces == 3 * buckets  # without no_sync: 6 * buckets, one per micro batch
+    finally:
+        dist.destroy_process_group()
+    plain, _ = history(grad_accum=2, ddp=False)
+    assert [h["step"] for h in accumulated] == [0, 1, 2, 3]
+    for with_ddp, without in zip(accumulated, plain):
+        assert with_ddp == pytest.approx(without, rel=1e-5), (with_ddp, without)

@@ -3,6 +3,7 @@ against the real registry on SeaweedFS, and placement by custom resources on a s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,6 +27,8 @@ from typer.testing import CliRunner
 from infra.registry import Registry
 from lora.config import Config, ConfigError, load_config
 from pipelines import schedule, submit
+from pipelines.records import ManifestMetadata, RunRecord
+from pipelines.train import data_fingerprint
 from pipelines.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,7 +254,7 @@ def test_schedule_once_retrains_on_new_data_only_inside_the_envelope_and_never_t
     train_file = small_data / "medical/train.jsonl"
     train_file.write_text("".join(train_file.read_text().splitlines(keepends=True)[:-4]))
     domain = load_config(config).domain("medical")
-    decision = schedule.decide(registry, "medical", schedule.fingerprint(domain), force=False)
+    decision = schedule.decide(registry, "medical", data_fingerprint(domain), force=False)
     assert decision.retrain and decision.reason.startswith("train data changed since v1")
 
     with registry.lock("medical", schedule.LOCK_NAME, ttl_s=300):
@@ -264,6 +267,40 @@ def test_schedule_once_retrains_on_new_data_only_inside_the_envelope_and_never_t
     assert "lora.r: 16 is outside medical's retraining envelope [4, 4] declared by v1" in outside.output
     assert "quant.mode: 'none' differs from 'nf4'" in outside.output
     assert registry.versions("medical") == [1]
+
+    # Changed bytes at the same URL are a new run: v2 trains every step on them, and says so.
+    retrained = runner.invoke(app, ["schedule", str(config), "--once"])
+    assert retrained.exit_code == 0, retrained.output
+    assert "medical: published v2" in retrained.output and registry.versions("medical") == [1, 2]
+    v1, v2 = (ManifestMetadata.of(registry.manifest("medical", v)) for v in (1, 2))
+    assert v2.data["train"].sha256 == hashlib.sha256(train_file.read_bytes()).hexdigest() != v1.data["train"].sha256
+    assert v2.run_name != v1.run_name
+    assert _trained_every_step(config, v2.run_name, steps=2)
+    weights = [registry.manifest("medical", v).files["adapter_model.safetensors"].sha256 for v in (1, 2)]
+    assert weights[0] != weights[1]
+    # The eval set did not change: the gate compared the stored losses, and the audit says which checks ran.
+    assert v2.gate.current_version == 1 and v2.gate.compared_on.startswith("stored losses, same eval set")
+    assert v2.gate.eval_set == v1.metrics.eval_set == v2.metrics.eval_set
+    assert {c.name: c.status for c in v2.checks}["held-out prompts answered by base and adapter side by side"] \
+        == "not run"
+    assert all(c.evidence for c in v2.checks)
+
+    unchanged = runner.invoke(app, ["schedule", str(config), "--once"])
+    assert unchanged.exit_code == 0, unchanged.output
+    assert "medical: skip — data unchanged since v2" in unchanged.output and registry.versions("medical") == [1, 2]
+
+    # --force retrains the same bytes from scratch instead of resuming the finished run of v2.
+    forced = runner.invoke(app, ["schedule", str(config), "--once", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "medical: published v3" in forced.output
+    v3 = ManifestMetadata.of(registry.manifest("medical", 3))
+    assert v3.data == v2.data and v3.run_name != v2.run_name and _trained_every_step(config, v3.run_name, steps=2)
+
+
+def _trained_every_step(config: Path, run_name: str, steps: int) -> bool:
+    """The run trained ``steps`` steps itself: it resumed from no checkpoint (a finished run resumed trains none)."""
+    record = RunRecord.load(config.parent / "output" / "medical" / run_name)
+    return record.steps == steps and record.info.resumed_from_step == []
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

@@ -4,6 +4,7 @@ publish with the audit; then pull, load with PEFT, and a second version on chang
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from infra.registry import Registry
 from pipelines.audit import REQUIRED_SECTIONS
 from pipelines.cli import app
+from pipelines.records import ManifestMetadata
 
 runner = CliRunner()
 
@@ -90,6 +92,26 @@ def test_run_publishes_audited_versions_that_pull_and_load(ray_cluster, tiny_con
     history = registry.alias("support", "production").history
     assert [h["to"] for h in history] == ([1, 2] if gate["decision"] == "promoted" else [1])
     assert "## 8. Change log (6)" in (v2 / "audit.md").read_text()
+
+    # New eval data at the same URL: production's adapter is evaluated on it in the same publish (with the new
+    # adapter and the base), and the gate decides on that pair; both numbers and the eval set are recorded.
+    production = registry.alias("support", "production").version
+    stored = ManifestMetadata.of(registry.manifest("support", production))
+    eval_file = small_data / "support/eval.jsonl"
+    eval_file.write_text("".join(eval_file.read_text().splitlines(keepends=True)[:-3]))
+    third = runner.invoke(app, ["run", str(config), "train.learning_rate=0.02"])
+    assert third.exit_code == 0, third.output
+    v3 = ManifestMetadata.of(registry.manifest("support", 3))
+    gate3 = v3.gate
+    assert gate3.current_version == production and "evaluated at this publish" in gate3.compared_on
+    assert gate3.eval_set == v3.metrics.eval_set != stored.metrics.eval_set
+    assert gate3.current_eval_loss is not None and gate3.current_eval_loss != stored.metrics.eval_loss
+    # Measured again at publish, the new adapter's and the base's losses are those training measured.
+    assert gate3.new_eval_loss == pytest.approx(v3.metrics.eval_loss, abs=1e-4)
+    assert gate3.base_eval_loss == pytest.approx(v3.metrics.base_eval_loss, abs=1e-4)
+    audit3 = registry.pull("support", "v3", tmp_path / "v3")
+    assert json.loads((audit3 / "audit.json").read_text())["validation"]["gate"] == gate3.model_dump(mode="json")
+    assert f"{gate3.current_eval_loss:.4f} (production v{production})" in (audit3 / "audit.md").read_text()
 
 
 def test_run_with_tune_trains_the_best_trial_and_audits_the_search(ray_cluster, tiny_config_file, s3_store,

@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 from infra.registry import Registry, RegistryError
 from infra.store import StoreInfo, store_down, store_up
 from lora.config import load_config
-from lora.data import MAX_LINE_BYTES, DataError, check_file
+from lora.data import MAX_LINE_BYTES, check_file
+from lora.errors import DataError
 from pipelines.cli import app
 from tests.conftest import read_json
 
@@ -140,10 +141,10 @@ def test_worker_killed_mid_training_resumes_from_the_latest_checkpoint(ray_clust
                "micro_batch_size": 4, "grad_accum": 3, "max_seq_len": 256, "warmup_steps": 0},
         cluster={"max_failures": 2},
     )
-    from pipelines.train import run_name
+    from pipelines.train import data_fingerprint, run_name
 
     cfg = load_config(config)
-    run_dir = Path(cfg.cluster.storage_url) / run_name(cfg, cfg.domains[0])
+    run_dir = Path(cfg.cluster.storage_url) / run_name(cfg, cfg.domains[0], data_fingerprint(cfg.domains[0]))
     killer = WorkerKiller(run_dir, after_step=every)
     killer.start()
     result = runner.invoke(app, ["train", str(config)])

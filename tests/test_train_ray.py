@@ -92,3 +92,21 @@ def test_unknown_domain_and_missing_gpu_exit_2(ray_cluster, tiny_config_file):
     result = invoke("train", config, "cluster.use_gpu=true")
     assert result.exit_code == 2 and "set cluster.use_gpu=false" in result.output
     assert not (config.parent / "output").exists()
+
+
+def test_eval_loss_is_the_same_whatever_the_worker_count(ray_cluster, tiny_config_file):
+    """train.max_eval_examples caps the whole held-out set before the ranks split it (5 of 8 examples: 5 on one
+    worker, 3 + 2 on two), so the base's eval loss at step 0 is the same. The two-worker run accumulates two micro
+    batches per step under DDP (no_sync on the first) and trains."""
+    config = tiny_config_file(domains=("support",), train={
+        "max_steps": 1, "grad_accum": 2, "max_eval_examples": 5, "eval_every": 1, "checkpoint_every": 1})
+    histories = {}
+    for workers in (1, 2):
+        output = config.parent / f"output-{workers}"
+        result = invoke("train", config, f"cluster.workers_per_domain={workers}", f"cluster.output_dir={output}")
+        assert result.exit_code == 0, result.output
+        [run_dir] = (output / "support").iterdir()
+        histories[workers] = read_json(run_dir / "history.json")
+    assert [h["step"] for h in histories[2]] == [0, 1]
+    assert histories[1][0]["eval_loss"] == pytest.approx(histories[2][0]["eval_loss"], rel=1e-6)
+    assert histories[2][1]["train_loss"] > 0

@@ -179,11 +179,14 @@ def test_trial_config_and_experiment_name(tiny_config_file):
         tune.best_config(cfg, "finance")
 
     domain = cfg.domain("medical")
-    name = tune.experiment_name(cfg, domain)
-    assert name.startswith("medical-") and name == tune.experiment_name(load_config(tiny_config_file(**SWEEP)), domain)
+    data = train.data_fingerprint(domain)
+    name = tune.experiment_name(cfg, domain, data)
+    assert name.startswith("medical-") and name == tune.experiment_name(load_config(tiny_config_file(**SWEEP)),
+                                                                        domain, data)
     capped = load_config(tiny_config_file(**SWEEP), ["tune.max_concurrent_trials=2"])
-    assert tune.experiment_name(capped, domain) == name  # resuming with another cap is the same sweep
-    assert tune.experiment_name(load_config(tiny_config_file(**SWEEP), ["tune.ranks=[8]"]), domain) != name
+    assert tune.experiment_name(capped, domain, data) == name  # resuming with another cap is the same sweep
+    assert tune.experiment_name(load_config(tiny_config_file(**SWEEP), ["tune.ranks=[8]"]), domain, data) != name
+    assert tune.experiment_name(cfg, domain, data | {"train": "0" * 64}) != name  # new bytes, new sweep
 
 
 def test_domains_swept_side_by_side_each_train_their_own_data(ray_cluster, tiny_config_file):
@@ -235,3 +238,16 @@ def test_asha_rungs_survive_a_resume():
     fresh_scheduler, _ = pickle.loads(tuner_state)  # without the callback's state: empty rungs, nothing to beat
     report(fresh_scheduler, "weak", 1, 9.0)
     assert report(fresh_scheduler, "weak", 2, 8.0) == TrialScheduler.CONTINUE
+
+
+def test_a_sweep_whose_trials_all_fail_ends_in_one_line(ray_cluster, tiny_config_file):
+    """Every trial fails in its worker: no example fits train.max_seq_len=16, which only tokenizing shows. The CLI
+    exits 1 with the train stage's one-line error, naming the domain and the cause, and no traceback."""
+    one_trial = {"search": "grid", "ranks": [2], "alphas": [2.0], "learning_rates": [1e-2], "max_concurrent_trials": 1}
+    config = tiny_config_file(tune=one_trial, train={"max_steps": 2, "eval_every": 1, "checkpoint_every": 2,
+                                                     "max_seq_len": 16}, cluster={"max_failures": 0})
+    result = invoke("tune", config)
+    assert result.exit_code == 1, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("failed:")]
+    assert "domain 'medical'" in line and "longer than train.max_seq_len=16" in line, line
+    assert "Traceback" not in result.output, result.output

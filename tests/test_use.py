@@ -254,18 +254,19 @@ def test_export_merges_verifies_and_reports_the_cost(published, tiny_model_dir, 
 
 
 def test_export_of_a_plain_lora_has_no_4bit_comparison(published, adapters, tmp_path):
-    """The audit published with the adapter says how it was trained; without 4-bit there is nothing to leave."""
+    """The manifest published with the adapter says how it was trained; without 4-bit there is nothing to leave."""
     config, registry = published
     folder = tmp_path / "plain-adapter"
     shutil.copytree(adapters["support"], folder)
-    (folder / "audit.json").write_text(json.dumps({"config": {"quant": {"mode": "none"}}}))
-    publish(registry, "support", folder, {"id": TINY_ID, "revision": None, "weights_sha256": None})
+    registry.publish("support", folder, metadata={"base_model": {"id": TINY_ID, "revision": None,
+                                                                  "weights_sha256": None},
+                                                   "quant": {"mode": "none"}})
     result = invoke("export", "support", "--merge", "--to", tmp_path / "out", "--config", config,
                     "--cache-dir", tmp_path / "cache")
     assert result.exit_code == 0, result.output
     assert "n/a (trained without 4-bit)" in result.output
     costs = use.verify_export(tmp_path / "out")["merge_costs"]
-    assert costs["trained_quant"]["mode"] == "none" and costs["trained_quant"]["from"] == "audit.json"
+    assert costs["trained_quant"]["mode"] == "none" and costs["trained_quant"]["from"] == "manifest"
     assert costs["merged_vs_as_trained"] is None and costs["merged_vs_unmerged"]["max_abs"] < 1e-4
 
 

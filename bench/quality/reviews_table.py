@@ -89,13 +89,13 @@ def measure(row: Row, where: list[str]) -> dict:
     from lora.model import dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
     from lora.train import evaluate, load_trained
     from pipelines import tune
-    from pipelines.train import run_name
+    from pipelines.train import data_fingerprint, run_name
 
     cfg = load_config(REPO / CONFIG, [*row.overrides, *where])
     if row.from_tune:
         cfg = tune.best_config(cfg, "reviews")
     domain = cfg.domain("reviews")
-    run_dir = Path(cfg.cluster.output_dir) / domain.name / run_name(cfg, domain)
+    run_dir = Path(cfg.cluster.output_dir) / domain.name / run_name(cfg, domain, data_fingerprint(domain))
     facts = json.loads((run_dir / "result.json").read_text())
 
     torch.set_num_threads(2)

@@ -1,0 +1,50 @@
+"""The adapter registry's storage layer: versioned, immutable, verified LoRA adapters on object storage.
+
+A registry lives at `s3://bucket/prefix` (through s3fs) or `file:///abs/path`; both behave the same:
+
+    <domain>/v<N>/.claim             who reserved version N and when: created with If-None-Match: *
+    <domain>/v<N>/<adapter files>    created with If-None-Match: *, so a version's files are never overwritten
+    <domain>/v<N>/manifest.json      written last: a version exists if and only if its manifest does
+    <domain>/aliases/<alias>.json    the version an alias points at, and every move it made (its history);
+                                     moved by compare-and-swap on the object's ETag
+    <domain>/locks/<name>.json       scheduler locks that expire
+
+Readers list manifests, never "directories": SeaweedFS keeps listing an emptied folder as a common prefix.
+Credentials never reach a message, a repr or a stored byte (publish and promote refuse documents holding them).
+
+The package, from the bottom up:
+
+    errors        RegistryError, ConflictError, IntegrityError
+    rules         names, version references, URLs, which files a version may hold
+    documents     the manifest, the alias state and the rows reads return (pydantic)
+    backend       the storage primitives a store implements; local (file://) and s3 (s3fs, imported only for
+                  s3:// registries) implement them
+    integrity     hashing, scanning an adapter folder, checking a version against its manifest
+    connection    keys under the root, retried calls, the credential guard
+    aliases       compare-and-swap moves with history
+    locks         expiring scheduler locks
+    facade        Registry, the one entry point
+"""
+
+from infra.registry.documents import AliasState, FileEntry, Manifest, PublishedVersion, VersionInfo
+from infra.registry.errors import ConflictError, IntegrityError, RegistryError
+from infra.registry.facade import Registry
+from infra.registry.rules import LATEST, MANIFEST, validate_name
+from lora.names import MAX_NAME_LENGTH, NAME_PATTERN
+
+__all__ = [
+    "LATEST",
+    "MANIFEST",
+    "MAX_NAME_LENGTH",
+    "NAME_PATTERN",
+    "AliasState",
+    "ConflictError",
+    "FileEntry",
+    "IntegrityError",
+    "Manifest",
+    "PublishedVersion",
+    "Registry",
+    "RegistryError",
+    "VersionInfo",
+    "validate_name",
+]

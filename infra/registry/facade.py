@@ -1,0 +1,396 @@
+"""`Registry`: versioned adapters under one URL. The protocol (claim, upload, manifest last, verify, move
+`latest`) lives here; names, documents, hashing, aliases, locks and the stores live in the sibling modules."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from infra.registry.aliases import advance_latest, move_alias, read_alias
+from infra.registry.backend import Backend, StoredObject
+from infra.registry.connection import Connection
+from infra.registry.documents import (
+    SCHEMA,
+    AliasState,
+    FileEntry,
+    Manifest,
+    PublishedVersion,
+    VersionInfo,
+    check_metadata,
+    check_record,
+    now,
+    owner,
+)
+from infra.registry.errors import IntegrityError, RegistryError
+from infra.registry.integrity import check_file, check_listing, check_manifest_files, hash_stream, scan_adapter_dir
+from infra.registry.local import LocalBackend
+from infra.registry.locks import hold_lock
+from infra.registry.rules import (
+    CLAIM,
+    LATEST,
+    MANIFEST,
+    in_version,
+    is_manifest,
+    parse_url,
+    positive,
+    validate_alias,
+    validate_name,
+    version_of,
+    version_ref,
+)
+from lora.names import is_valid_name
+from lora.redact import credential_values
+
+
+class Registry:
+    """Versioned adapters under one URL. Safe to share between threads and to run from many processes."""
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        retries: int = 5,
+        backoff_s: float = 0.2,
+    ) -> None:
+        """Open the registry at `url`; nothing is contacted until the first operation.
+
+        `storage_options` go to s3fs (`endpoint_url`, `key`, `secret`, ...); without them s3fs reads the AWS_*
+        environment variables. Transient failures (connection refused, timeouts, 5xx) are retried `retries`
+        times in all, sleeping `backoff_s`, 2x, 4x, ... in between. Raises RegistryError for a malformed URL.
+        """
+        if retries < 1:
+            raise RegistryError(f"retries must be at least 1, got {retries}")
+        self.url, scheme, root = parse_url(url)
+        options = dict(storage_options or {})
+        backend: Backend
+        if scheme == "s3":
+            # Imported here: s3fs, aiohttp and botocore take a while to load, and file:// registries need none.
+            from infra.registry.s3 import S3Backend
+
+            backend = S3Backend(root.split("/", 1)[0], options)
+        else:
+            if options:
+                raise RegistryError(f"storage_options apply to s3:// URLs only, not to {self.url}")
+            backend = LocalBackend(Path(root))
+        self._conn = Connection(
+            backend, root, retries=retries, backoff_s=backoff_s, secrets=credential_values(options)
+        )
+
+    def __repr__(self) -> str:
+        return f"Registry({self.url!r})"
+
+    # ---------------------------------------------------------------- reading
+
+    def location(self, domain: str, version: int | None = None) -> str:
+        """The URL of a domain's folder, or of one version's folder."""
+        parts = [validate_name(domain)] + ([f"v{positive(version)}"] if version is not None else [])
+        return self._conn.url(self._conn.path(*parts))
+
+    def domains(self) -> list[str]:
+        """Domains with at least one complete version, sorted."""
+        listing = self._conn.walk(self._conn.root, "listing domains")
+        found = {rel.split("/", 1)[0] for rel in listing if is_manifest(rel)}
+        return sorted(name for name in found if is_valid_name(name))
+
+    def versions(self, domain: str) -> list[int]:
+        """Complete versions of `domain` (those with a manifest), ascending. Incomplete uploads are invisible."""
+        listing = self._conn.walk(self._conn.path(validate_name(domain)), f"listing versions of {domain}")
+        return sorted(version_of(rel) for rel in listing if is_manifest(rel, depth=2))
+
+    def manifest(self, domain: str, version: int) -> Manifest:
+        """The manifest of a complete version. Raises RegistryError if there is none, IntegrityError if malformed."""
+        path = self._conn.path(validate_name(domain), f"v{positive(version)}", MANIFEST)
+        found = self._conn.read(path, f"reading {domain} v{version}")
+        if found is None:
+            raise RegistryError(
+                f"{domain} has no complete version v{version} (versions: {self.versions(domain) or 'none'})"
+            )
+        try:
+            manifest = Manifest.model_validate_json(found[0])
+        except ValidationError as exc:
+            raise IntegrityError(
+                f"{self._conn.url(path)} is malformed ({exc.error_count()} errors, first: {exc.errors()[0]['msg']}): "
+                f"do not use this version"
+            ) from None
+        if manifest.domain != domain or manifest.version != version:
+            raise IntegrityError(
+                f"{self._conn.url(path)} describes {manifest.domain} v{manifest.version}, not {domain} v{version}: "
+                f"it was copied or edited; do not use this version"
+            )
+        check_manifest_files(manifest)
+        return manifest
+
+    def alias(self, domain: str, alias: str) -> AliasState | None:
+        """The alias's current state and history, or None if it was never set."""
+        state, _ = read_alias(self._conn, validate_name(domain), validate_name(alias, "alias"))
+        return state
+
+    def aliases(self, domain: str) -> dict[str, AliasState]:
+        """Every alias of `domain`, by name."""
+        listing = self._conn.walk(self._conn.path(validate_name(domain), "aliases"), f"listing aliases of {domain}")
+        names = sorted(rel[: -len(".json")] for rel in listing if rel.endswith(".json") and "/" not in rel)
+        found = {name: self.alias(domain, name) for name in names if is_valid_name(name)}
+        return {name: state for name, state in found.items() if state is not None}
+
+    def resolve(self, domain: str, ref: str | int | None = None) -> int:
+        """The complete version that `ref` names: `vN`, `N`, an alias, or None for `latest`.
+
+        None follows the `latest` alias, or takes the newest complete version if no publish got as far as
+        setting it. Raises RegistryError if the version does not exist or the alias is not set.
+        """
+        validate_name(domain)
+        if ref is None:
+            state = self.alias(domain, LATEST)
+            if state is not None:
+                return state.version
+            versions = self.versions(domain)
+            if not versions:
+                raise RegistryError(f"{domain} has no complete version yet: publish one first")
+            return versions[-1]
+        version = version_ref(str(ref))
+        if version is not None:
+            versions = self.versions(domain)
+            if version not in versions:
+                raise RegistryError(f"{domain} has no complete version v{version} (versions: {versions or 'none'})")
+            return version
+        state = self.alias(domain, str(ref))
+        if state is None:
+            raise RegistryError(
+                f"{domain} has no alias {ref!r} (aliases: {sorted(self.aliases(domain)) or 'none'}): "
+                f"pass vN, N or an existing alias"
+            )
+        return state.version
+
+    def describe(self, domain: str | None = None) -> list[VersionInfo]:
+        """One row per complete version (of `domain`, or of every domain): sizes, aliases and metrics."""
+        rows = []
+        for name in [validate_name(domain)] if domain is not None else self.domains():
+            by_version: dict[int, list[str]] = {}
+            for alias_name, state in self.aliases(name).items():
+                by_version.setdefault(state.version, []).append(alias_name)
+            for version in self.versions(name):
+                manifest = self.manifest(name, version)
+                metrics = manifest.metadata.get("metrics")
+                rows.append(
+                    VersionInfo(
+                        domain=name,
+                        version=version,
+                        created_at=manifest.created_at,
+                        parent_version=manifest.parent_version,
+                        files=len(manifest.files),
+                        size_bytes=manifest.size_bytes,
+                        aliases=sorted(by_version.get(version, [])),
+                        metrics=metrics if isinstance(metrics, dict) else {},
+                    )
+                )
+        return rows
+
+    def verify(self, domain: str, version: int) -> Manifest:
+        """Re-read the manifest and re-hash every file on the store; return the manifest if all match.
+
+        Raises IntegrityError naming the first file that is missing, changed, extra or of a refused type.
+        """
+        manifest = self.manifest(domain, version)
+        self._check_listing(manifest)
+        for name in manifest.files:
+            path = self._conn.path(domain, f"v{version}", name)
+            found = self._conn.call(f"hashing {domain} v{version}/{name}",
+                                    lambda: hash_stream(self._conn.backend.open(path)))
+            check_file(manifest, name, found)
+        return manifest
+
+    def pull(self, domain: str, ref: str | int | None, dest: Path) -> Path:
+        """Download a version into `dest` (which must not exist) and return `dest`.
+
+        Files land in a temporary folder next to `dest`; each file's size and sha256 are checked against the
+        manifest before the folder is renamed to `dest`, so `dest` appears complete or not at all. Raises
+        IntegrityError, naming the file, if the version folder holds anything not in the manifest or of a
+        refused type, or if a file does not match; RegistryError if `dest` exists.
+        """
+        dest = Path(dest)
+        if dest.exists():
+            raise RegistryError(f"{dest} already exists: pull never overwrites; pass a new folder or remove it")
+        version = self.resolve(domain, ref)
+        manifest = self.manifest(domain, version)
+        self._check_listing(manifest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        try:
+            for name in manifest.files:
+                local = staging / name
+                local.parent.mkdir(parents=True, exist_ok=True)
+                path = self._conn.path(domain, f"v{version}", name)
+                self._conn.call(f"downloading {domain} v{version}/{name}",
+                                lambda: self._conn.backend.download(path, local))
+                with open(local, "rb") as handle:
+                    check_file(manifest, name, hash_stream(handle))
+            if dest.exists():
+                raise RegistryError(f"{dest} appeared while pulling: pull never overwrites; nothing was changed")
+            os.rename(staging, dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return dest
+
+    # ---------------------------------------------------------------- writing
+
+    def publish(self, domain: str, local_dir: Path, metadata: Mapping[str, Any] | None = None) -> PublishedVersion:
+        """Publish the adapter folder `local_dir` as the next version of `domain` and move `latest` to it.
+
+        Steps: check the folder (adapter_config.json and adapter_model.safetensors required; only allowed file
+        types, never pickles), claim the next version number with a conditional create, upload every file
+        (create-only), write manifest.json last, re-read it and re-hash every file on the store, then move
+        `latest` forward. `metadata` is merged into the manifest; it must be JSON and hold no credential.
+        Concurrent publishers get distinct versions. Raises RegistryError (or IntegrityError if the check after
+        writing fails).
+        """
+        validate_name(domain)
+        files = scan_adapter_dir(Path(local_dir))
+        extra = check_metadata(metadata or {})
+        self._conn.guard(json.dumps(extra).encode(), "the metadata")
+        version, claim = self._claim_version(domain)
+        for name, entry in files.items():
+            self._upload(domain, version, Path(local_dir) / name, name, entry)
+        manifest = self._commit(domain, version, claim, files, extra)
+        self.verify(domain, version)
+        advance_latest(self._conn, domain, version)
+        return PublishedVersion(domain=domain, version=version, url=self.location(domain, version), manifest=manifest)
+
+    def promote(
+        self,
+        domain: str,
+        version: int,
+        alias: str,
+        *,
+        expected: int | None | Literal["any"] = "any",
+        record: Mapping[str, Any] | None = None,
+    ) -> AliasState:
+        """Point `alias` at complete `version` by compare-and-swap, appending the move to the alias history.
+
+        `expected` is the version the caller believes the alias points at now (None: not set yet); if another
+        writer moved it first, ConflictError is raised and nothing changes, so of promoters expecting the same
+        state exactly one wins. "any" skips that check but still never loses a concurrent move. `record`
+        (who, forced, gate numbers, reason) is stored in the history entry; it must be JSON, hold no
+        credential and not use the keys at/from/to/generation.
+        """
+        validate_name(domain)
+        validate_alias(alias)
+        extra = check_record(record or {})
+        if version not in self.versions(domain):
+            raise RegistryError(f"{domain} has no complete version v{version}: publish it before promoting it")
+        return move_alias(self._conn, domain, alias, version, expected=expected, record=extra)
+
+    def gc(self, domain: str | None = None, *, grace_s: float = 3600.0) -> list[str]:
+        """Delete abandoned uploads: version folders without a manifest where nothing was written for `grace_s`.
+
+        Also aborts multipart uploads below the domain started more than `grace_s` ago: a publisher killed inside
+        one leaves its parts on the server, invisible to listings, even when its retry then completed the version.
+        Returns the URLs of the removed folders, then of the files whose unfinished uploads were aborted. Complete
+        versions are never touched. The grace period protects uploads still in progress; keep it well above the
+        longest publish.
+        """
+        removed = []
+        for name in [validate_name(domain)] if domain is not None else self._all_domain_names():
+            by_version: dict[int, dict[str, StoredObject]] = {}
+            for rel, obj in self._conn.walk(self._conn.path(name), f"listing {name}").items():
+                if in_version(rel):
+                    by_version.setdefault(version_of(rel), {})[rel] = obj
+            started = time.time()
+            for version, objects in sorted(by_version.items()):
+                if f"v{version}/{MANIFEST}" in objects:
+                    continue
+                if started - max(obj.mtime for obj in objects.values()) < grace_s:
+                    continue
+                paths = [self._conn.path(name, rel) for rel in objects]
+                self._conn.call(f"removing abandoned {name} v{version}", lambda: self._conn.backend.delete(paths))
+                removed.append(self.location(name, version))
+            aborted = self._conn.call(f"aborting unfinished uploads of {name}",
+                                      lambda: self._conn.backend.abort_uploads(self._conn.path(name), started - grace_s))
+            removed += [self._conn.url(path) for path in aborted]
+        return removed
+
+    @contextlib.contextmanager
+    def lock(self, domain: str, name: str, ttl_s: float) -> Iterator[None]:
+        """Hold the lock `name` of `domain` for the `with` block; it expires `ttl_s` after being taken.
+
+        Raises ConflictError if another holder has it and it has not expired. An expired lock is taken over by
+        compare-and-swap, so two waiters cannot both get it. Released (only if still ours) on exit.
+        """
+        with hold_lock(self._conn, domain, name, ttl_s):
+            yield
+
+    # ---------------------------------------------------------------- internals
+
+    def _claim_version(self, domain: str) -> tuple[int, bytes]:
+        """Reserve the next version by conditional create of `v<N>/.claim`; return it and the claim's bytes.
+
+        Starts above every version folder seen, complete or not; the conditional create settles races.
+        """
+        listing = self._conn.walk(self._conn.path(domain), f"listing {domain}")
+        version = max((version_of(rel) for rel in listing if in_version(rel)), default=0) + 1
+        claim = json.dumps({"claimed_at": now(), "owner": owner(), "token": uuid.uuid4().hex}).encode()
+        for _ in range(1000):
+            if self._conn.put_if(self._conn.path(domain, f"v{version}", CLAIM), claim, None,
+                                 f"claiming {domain} v{version}"):
+                return version, claim
+            version += 1
+        raise RegistryError(f"could not claim a version of {domain} after 1000 tries: is something looping?")
+
+    def _commit(
+        self, domain: str, version: int, claim: bytes, files: dict[str, FileEntry], metadata: dict[str, Any]
+    ) -> Manifest:
+        """Write the manifest (create-only): from here on the version exists."""
+        current = self._conn.read(self._conn.path(domain, f"v{version}", CLAIM), f"reading {domain} v{version} claim")
+        if current is None or current[0] != claim:
+            # gc removed an upload that outlived its grace period: committing would expose missing files.
+            raise RegistryError(
+                f"the claim on {domain} v{version} was removed while uploading (gc ran with a grace period "
+                f"shorter than this upload): publish again"
+            )
+        earlier = [v for v in self.versions(domain) if v < version]
+        manifest = Manifest.model_validate(
+            {
+                "schema": SCHEMA,
+                "domain": domain,
+                "version": version,
+                "parent_version": earlier[-1] if earlier else None,
+                "created_at": now(),
+                "files": files,
+                **metadata,
+            }
+        )
+        path = self._conn.path(domain, f"v{version}", MANIFEST)
+        if not self._conn.put_if(path, manifest.to_json(), None, f"writing {domain} v{version} manifest"):
+            raise RegistryError(f"{self._conn.url(path)} already exists: versions are never overwritten")
+        return manifest
+
+    def _upload(self, domain: str, version: int, local: Path, name: str, entry: FileEntry) -> None:
+        what = f"uploading {domain} v{version}/{name}"
+        path = self._conn.path(domain, f"v{version}", name)
+        if self._conn.call(what, lambda: self._conn.backend.upload_new(local, path)):
+            return
+        # The folder is ours by claim, so an existing file is our own retried upload whose first response was
+        # lost; anything else there must not be overwritten.
+        if self._conn.call(what, lambda: hash_stream(self._conn.backend.open(path))) != entry:
+            raise RegistryError(f"{self._conn.url(path)} already exists: version folders are never overwritten")
+
+    def _check_listing(self, manifest: Manifest) -> None:
+        """Every file on the store is in the manifest, allowed, present, and of the recorded size."""
+        folder = self._conn.path(manifest.domain, f"v{manifest.version}")
+        listing = self._conn.walk(folder, f"listing {manifest.domain} v{manifest.version}")
+        check_listing(manifest, listing, self._conn.url(folder))
+
+    def _all_domain_names(self) -> list[str]:
+        names = {rel.split("/", 1)[0] for rel in self._conn.walk(self._conn.root, "listing domains") if "/" in rel}
+        return sorted(name for name in names if is_valid_name(name))

@@ -1,0 +1,18 @@
+"""Opening the configured registry. Light (no torch, Ray or matplotlib): `loramill list`, `pull`, `promote` and
+`gc` need only this and the registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from infra.registry import Registry
+from infra.store import store_up
+from lora.config import Config
+
+
+def open_registry(cfg: Config) -> Registry:
+    """The configured registry; ``embedded`` starts (or joins) the project's SeaweedFS on 127.0.0.1."""
+    if cfg.publish.registry == "embedded":
+        info = store_up(Path(cfg.publish.store_dir))
+        return Registry(f"s3://{info.bucket}/adapters", info.storage_options())
+    return Registry(cfg.publish.registry, cfg.publish.storage_options or None)
