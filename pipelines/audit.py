@@ -222,8 +222,7 @@ def _dict_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> di
 
 def render_markdown(audit: AuditRecord, version: int) -> str:
     base = audit.base_model_and_modification
-    design, compute, val = audit.design_choices, audit.compute, audit.validation
-    metrics, change = val.metrics, audit.change_log
+    design, compute, val, change = audit.design_choices, audit.compute, audit.validation, audit.change_log
     lines = [
         f"# Audit: `{audit.domain}` adapter v{version}",
         "",

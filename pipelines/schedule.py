@@ -27,7 +27,8 @@ from pipelines import run as run_stage
 from pipelines.errors import TrainingFailed
 from pipelines.registry_access import open_registry
 from pipelines.records import SPLITS, ManifestMetadata, RetrainingEnvelope
-from pipelines.train import data_fingerprint, select_domains
+from pipelines.run_folder import data_fingerprint
+from pipelines.train import select_domains
 
 LOCK_NAME = "retrain"
 MAX_SLEEP_S = 60.0

@@ -36,17 +36,10 @@ from lora.config import Config, ConfigError, Domain, TuneSettings
 from lora.data import check_file
 from pipelines.errors import TrainingFailed
 from pipelines.ray_session import on_this_node
-from pipelines.train import (
-    WorkerSession,
-    build_trainer,
-    node_offers,
-    preflight,
-    run_name,
-    select_domains,
-    storage,
-    train_domain,
-    worker_resources,
-)
+from pipelines.cluster import node_offers, storage, worker_resources
+from pipelines.run_folder import run_name
+from pipelines.train import build_trainer, preflight, select_domains
+from pipelines.train_worker import WorkerSession, train_domain
 
 METRIC = "eval_loss"
 STEP = "step"
@@ -287,7 +280,10 @@ class AshaRungs(ray.tune.Callback):
                 recorded.update(values)
 
 
-@ray.remote(num_cpus=0)  # a task blocked in Tune's loop needs no CPU; a share would keep a trial from fitting
+# num_cpus=0: a task blocked in Tune's loop needs no CPU; a share would keep a trial from fitting. A failed trial
+# is shown as one line in the results table (its traceback in the error.txt the sweep's output points to), and as
+# TrainingFailed when all failed; TUNE_PRINT_ALL_TRIAL_ERRORS=0 keeps Tune from also logging each traceback.
+@ray.remote(num_cpus=0, runtime_env={"env_vars": {"TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}})
 def sweep_domain(cfg_dict: dict[str, Any], domain_name: str, experiment: str, schedule: dict[str, Any],
                  concurrency: int, resume: bool) -> str:
     """Run (or resume) one domain's sweep and write its results, plot and best configuration; returns the folder.
@@ -342,8 +338,15 @@ def trial_result(cfg: Config, result: Any) -> TrialResult:
         train_seconds=float(last.get("train_seconds", 0.0)),
         trial_seconds=None if trial_seconds is None or math.isnan(trial_seconds) else float(trial_seconds),
         curve=evals,
-        error=None if result.error is None else f"{type(result.error).__name__}: {result.error}",
+        error=None if result.error is None else trial_error(result.error),
     )
+
+
+def trial_error(error: BaseException) -> str:
+    """``Type: message`` of what ended a trial, one line for the results table and ``TrainingFailed``. Tune hands
+    back the trial function's exception wrapped in a ``RayTaskError``, whose text is the whole remote traceback."""
+    cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
+    return f"{type(cause).__name__}: {cause}"
 
 
 def write_outputs(cfg: Config, sweep: SweepResult) -> Path:

@@ -25,6 +25,7 @@ from rich.text import Text
 
 from infra.registry import MANIFEST, IntegrityError, Manifest, Registry, RegistryError
 from lora.config import Config, ConfigError, Quantization
+from lora.files import file_sha256
 from lora.model import cache_dir, logical_model_id, resolve_model_dir, weights_sha256
 from pipelines.records import TrainedOn
 from pipelines.registry_access import open_registry
@@ -206,7 +207,7 @@ def matches_manifest(folder: Path, manifest: Manifest) -> bool:
         return False
     for name, entry in manifest.files.items():
         path = present[name]
-        if path.is_symlink() or path.stat().st_size != entry.size or _sha256_file(path) != entry.sha256:
+        if path.is_symlink() or path.stat().st_size != entry.size or file_sha256(path) != entry.sha256:
             return False
     return True
 
@@ -255,7 +256,7 @@ def export_manifest(folder: Path, base_model: dict[str, Any], registry: Registry
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
         if name != MANIFEST:
-            files[name] = {"sha256": _sha256_file(path), "size": path.stat().st_size}
+            files[name] = {"sha256": file_sha256(path), "size": path.stat().st_size}
     return {
         "schema": EXPORT_SCHEMA,
         "kind": "merged-model",
@@ -282,7 +283,7 @@ def verify_export(folder: Path) -> dict[str, Any]:
         raise IntegrityError(f"{folder}: files {sorted(present ^ manifest['files'].keys())} are missing or extra")
     for name, entry in manifest["files"].items():
         path = Path(folder) / name
-        if path.stat().st_size != entry["size"] or _sha256_file(path) != entry["sha256"]:
+        if path.stat().st_size != entry["size"] or file_sha256(path) != entry["sha256"]:
             raise IntegrityError(f"{folder}: {name} does not match manifest.json (changed after export)")
     return manifest
 
@@ -358,14 +359,6 @@ def _remove(folder: Path) -> None:
     aside = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.stale")
     os.rename(folder, aside)
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _quiet_transformers() -> None:

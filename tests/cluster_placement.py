@@ -24,7 +24,7 @@ from ray.train import RunConfig
 from ray.train.torch import TorchTrainer
 
 from lora.config import Config, ConfigError, load_config
-from pipelines import train
+from pipelines import run_folder, train
 
 NODE_TYPES = {"cpu_big": {"num_cpus": 2}, "gpu_a10": {"num_cpus": 2}}
 
@@ -41,7 +41,7 @@ def node_of_worker(cfg_dict: dict[str, Any], domain_name: str, storage: str) -> 
     """Where the domain's Ray Train worker lands: the stage's ScalingConfig, a trivial train function."""
     cfg = Config.model_validate(cfg_dict)
     domain = cfg.domain(domain_name)
-    name = train.run_name(cfg, domain, train.data_fingerprint(domain))
+    name = run_folder.run_name(cfg, domain, run_folder.data_fingerprint(domain))
     scaling = train.build_trainer(cfg, domain, name).scaling_config
     trainer = TorchTrainer(report_node, scaling_config=scaling,
                            run_config=RunConfig(name=f"placement-{domain_name}", storage_path=storage))

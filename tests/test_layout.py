@@ -49,8 +49,8 @@ def under(module: str, roots: tuple[str, ...]) -> bool:
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
 def test_layers_import_only_downwards(folder: str) -> None:
     assert sources(folder), f"no sources under {folder}/"
-    violations = [f"{path.relative_to(REPO)}:{line} imports {module}"
-                  for path in sources(folder) for line, module in module_imports(path) if under(module, FORBIDDEN[folder])]
+    violations = [f"{path.relative_to(REPO)}:{line} imports {module}" for path in sources(folder)
+                  for line, module in module_imports(path) if under(module, FORBIDDEN[folder])]
     assert not violations, f"{folder}/ must not import {', '.join(FORBIDDEN[folder])}:\n" + "\n".join(violations)
 
 

@@ -28,7 +28,7 @@ from infra.registry import Registry
 from lora.config import Config, ConfigError, load_config
 from pipelines import schedule, submit
 from pipelines.records import ManifestMetadata, RunRecord
-from pipelines.train import data_fingerprint
+from pipelines.run_folder import data_fingerprint
 from pipelines.cli import app
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,6 @@
 publish with the audit; then pull, load with PEFT, and a second version on changed data."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

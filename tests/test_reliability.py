@@ -119,7 +119,7 @@ class WorkerKiller(threading.Thread):
 
 def _uninterrupted_eval_loss(config: Path) -> float:
     """The same config trained by the same worker code without Ray and without a fault: its final eval loss."""
-    from pipelines.train import WorkerSession, train_domain
+    from pipelines.train_worker import WorkerSession, train_domain
 
     cfg = load_config(config)
     reports: list[dict] = []
@@ -141,7 +141,7 @@ def test_worker_killed_mid_training_resumes_from_the_latest_checkpoint(ray_clust
                "micro_batch_size": 4, "grad_accum": 3, "max_seq_len": 256, "warmup_steps": 0},
         cluster={"max_failures": 2},
     )
-    from pipelines.train import data_fingerprint, run_name
+    from pipelines.run_folder import data_fingerprint, run_name
 
     cfg = load_config(config)
     run_dir = Path(cfg.cluster.storage_url) / run_name(cfg, cfg.domains[0], data_fingerprint(cfg.domains[0]))

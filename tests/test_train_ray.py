@@ -1,7 +1,5 @@
 """The train stage on a real local Ray cluster: 2-worker DDP, outputs file by file, resume, bad input."""
 
-import json
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file

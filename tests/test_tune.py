@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from lora.config import ConfigError, load_config
-from pipelines import train, tune
+from pipelines import train_worker, tune
+from pipelines.run_folder import data_fingerprint
 from pipelines.cli import app
 from tests.conftest import read_json
 
@@ -87,21 +88,21 @@ def test_a_run_on_a_given_back_base_model_reproduces_a_fresh_one(tiny_config_fil
 
     def history(c) -> list[dict]:
         reports = []
-        session = train.WorkerSession(0, 1, 0, lambda: None, lambda metrics, checkpoint=None: reports.append(metrics))
-        train.train_domain(c, c.domain("medical"), session)
+        session = train_worker.WorkerSession(0, 1, 0, lambda: None, lambda metrics, checkpoint=None: reports.append(metrics))
+        train_worker.train_domain(c, c.domain("medical"), session)
         return [{k: v for k, v in m.items() if k != "train_seconds"} for m in reports]
 
     threads = torch.get_num_threads()
     try:
-        train._idle_base_models.clear()
+        train_worker._idle_base_models.clear()
         first = history(cfg)
-        [base] = train._idle_base_models.values()
+        [base] = train_worker._idle_base_models.values()
         history(other)
         again = history(cfg)
-        assert next(iter(train._idle_base_models.values())) is base  # reused, not reloaded
+        assert next(iter(train_worker._idle_base_models.values())) is base  # reused, not reloaded
     finally:
         torch.set_num_threads(threads)  # train_domain sets one thread per cpus_per_worker
-        train._idle_base_models.clear()
+        train_worker._idle_base_models.clear()
     assert [m["step"] for m in first] == [0, 2, 4]
     assert again == first  # losses, lr, perplexity: bit for bit
 
@@ -179,7 +180,7 @@ def test_trial_config_and_experiment_name(tiny_config_file):
         tune.best_config(cfg, "finance")
 
     domain = cfg.domain("medical")
-    data = train.data_fingerprint(domain)
+    data = data_fingerprint(domain)
     name = tune.experiment_name(cfg, domain, data)
     assert name.startswith("medical-") and name == tune.experiment_name(load_config(tiny_config_file(**SWEEP)),
                                                                         domain, data)

@@ -89,7 +89,7 @@ def measure(row: Row, where: list[str]) -> dict:
     from lora.model import dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
     from lora.train import evaluate, load_trained
     from pipelines import tune
-    from pipelines.train import data_fingerprint, run_name
+    from pipelines.run_folder import data_fingerprint, run_name
 
     cfg = load_config(REPO / CONFIG, [*row.overrides, *where])
     if row.from_tune:

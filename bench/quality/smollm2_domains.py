@@ -49,7 +49,7 @@ def bench_config() -> Path:
 def results_of(config: Path, overrides: list[str]) -> dict[str, dict]:
     """Each domain's result.json of the run `loramill train CONFIG OVERRIDES` made (found by its run name)."""
     from lora.config import load_config
-    from pipelines.train import data_fingerprint, run_name
+    from pipelines.run_folder import data_fingerprint, run_name
 
     cfg = load_config(config, overrides)
     return {d.name: json.loads((Path(cfg.cluster.output_dir) / d.name / run_name(cfg, d, data_fingerprint(d))

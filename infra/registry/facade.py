@@ -306,17 +306,18 @@ class Registry:
             for rel, obj in self._conn.walk(self._conn.path(name), f"listing {name}").items():
                 if in_version(rel):
                     by_version.setdefault(version_of(rel), {})[rel] = obj
-            started = time.time()
+            listed_at = time.time()
             for version, objects in sorted(by_version.items()):
                 if f"v{version}/{MANIFEST}" in objects:
                     continue
-                if started - max(obj.mtime for obj in objects.values()) < grace_s:
+                if listed_at - max(obj.mtime for obj in objects.values()) < grace_s:
                     continue
                 paths = [self._conn.path(name, rel) for rel in objects]
                 self._conn.call(f"removing abandoned {name} v{version}", lambda: self._conn.backend.delete(paths))
                 removed.append(self.location(name, version))
+            folder = self._conn.path(name)
             aborted = self._conn.call(f"aborting unfinished uploads of {name}",
-                                      lambda: self._conn.backend.abort_uploads(self._conn.path(name), started - grace_s))
+                                      lambda: self._conn.backend.abort_uploads(folder, listed_at - grace_s))
             removed += [self._conn.url(path) for path in aborted]
         return removed
 

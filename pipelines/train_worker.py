@@ -1,0 +1,251 @@
+"""What runs on every Ray Train worker (and in every Tune trial): one DDP rank of one domain's run.
+
+``train_worker`` is the Ray Train worker function; ``train_domain`` loads the base, makes trainable what
+``lora.method`` says, resumes from the session's latest checkpoint, trains, and reports metrics, checkpoints and
+the worker's ``RunInfo``. ``WorkerSession`` is what it needs from the Ray library it runs under.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pipelines.ray_session  # noqa: F401  (sets Ray's environment before ray is imported)
+import ray.train
+import torch
+from ray.train import Checkpoint
+
+from lora.config import Config, Domain
+from lora.data import load_examples, load_labelled_examples
+from lora.fast import use_fused_kernels
+from lora.model import (
+    Backend,
+    dispatch_backend,
+    load_base_model,
+    load_tokenizer,
+    logical_model_id,
+    parameter_counts,
+    prepare_trainable,
+    resolve_model_dir,
+    weights_sha256,
+)
+from lora.train import (
+    Shard,
+    TrainState,
+    build_optimizer,
+    eval_share,
+    load_training_state,
+    save_training_state,
+    total_steps,
+    train,
+)
+from pipelines.records import RUN_INFO_FILE, Check, DataSplit, RunInfo
+
+
+@dataclass(frozen=True)
+class WorkerSession:
+    """What the training code needs from the Ray library it runs under (Train worker or Tune trial)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    get_checkpoint: Callable[[], Checkpoint | None]
+    report: Callable[..., None]
+    """``report(metrics, checkpoint=None)`` as in ``ray.train.report`` / ``ray.tune.report``."""
+
+    @classmethod
+    def ray_train(cls) -> WorkerSession:
+        context = ray.train.get_context()
+        return cls(context.get_world_rank(), context.get_world_size(), context.get_local_rank(),
+                   ray.train.get_checkpoint, ray.train.report)
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker function: one DDP rank of one domain's run."""
+    cfg = Config.model_validate(loop_config["cfg"])
+    train_domain(cfg, cfg.domain(loop_config["domain"]), WorkerSession.ray_train())
+
+def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
+    """Load the base, make trainable what ``lora.method`` says (a LoRA adapter by default), resume from the session's
+    latest checkpoint if any, train, report metrics and checkpoints."""
+    _quiet_worker_logs()
+    rank, world_size = session.rank, session.world_size
+    if not cfg.cluster.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)
+
+    backend = dispatch_backend(cfg.quant, cfg.cluster.use_gpu, session.local_rank)
+    model_dir = resolve_model_dir(cfg.model)
+    chat = cfg.task == "causal_lm"
+    tokenizer = _memo(("tokenizer", cfg.model.model_dump_json(), str(model_dir), chat),
+                      lambda: load_tokenizer(cfg.model, model_dir, chat=chat))
+    train_examples, train_stats = _tokenized(domain.train, domain, tokenizer, cfg)
+    eval_examples, eval_stats = _tokenized(domain.eval, domain, tokenizer, cfg)
+    base_key, model = _borrow_base_model(model_dir, cfg, backend, domain.labels, tokenizer.pad_token_id)
+    kernels = use_fused_kernels(model, backend) if cfg.train.fused_kernels else "none: train.fused_kernels=false"
+    model = prepare_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
+    trainable, total = parameter_counts(model)
+
+    shard = Shard(train_examples, eval_share(eval_examples, cfg.train.max_eval_examples, rank, world_size), rank,
+                  world_size)
+    steps = total_steps(shard, cfg.train)
+    optimizer, scheduler = build_optimizer(model, cfg.train, steps)
+    state = TrainState()
+    if checkpoint := session.get_checkpoint():
+        with checkpoint.as_directory() as directory:
+            state = load_training_state(Path(directory), model, optimizer, scheduler)
+        state.resumed_from_step.append(state.step)
+    if world_size > 1:
+        device_ids = [backend.device.index] if backend.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    base_model_id = logical_model_id(cfg.model)
+    data = {"train": DataSplit.model_validate(train_stats.to_dict()),
+            "eval": DataSplit.model_validate(eval_stats.to_dict())}
+    run_info = RunInfo(
+        domain=domain.name,
+        task=cfg.task,
+        method=cfg.lora.method,
+        labels=domain.labels,
+        base_model={"id": base_model_id, "revision": cfg.model.revision, "weights_sha256": weights_sha256(model_dir)},
+        trainable_params=trainable,
+        total_params=total,
+        total_steps=steps,
+        data=data,
+        hardware={
+            "device": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "workers": world_size,
+            "use_gpu": cfg.cluster.use_gpu,
+            "cpus_per_worker": cfg.cluster.cpus_per_worker,
+        },
+        compute_dtype=str(backend.compute_dtype).removeprefix("torch."),
+        kernels=kernels,
+        checks=[data_check(data), trainable_check(cfg, trainable)],
+        resumed_from_step=state.resumed_from_step,
+    )
+
+    def report(metrics: dict[str, float], state: TrainState, save: bool) -> None:
+        if not save:
+            session.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            if rank == 0:
+                save_training_state(Path(directory), model, optimizer, scheduler, state, base_model_id)
+                run_info.write(Path(directory) / RUN_INFO_FILE)
+            session.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
+
+    bar = _progress_bar(rank, f"{domain.name} train", steps, state.step)
+    try:
+        train(
+            model, optimizer, scheduler, shard, cfg.train, state, report,
+            pad_id=tokenizer.pad_token_id, device=backend.device, progress=lambda step: bar and bar.update(1),
+        )
+    finally:  # also when Tune stops the trial: its report() raises SystemExit in this thread
+        _give_back_base_model(base_key, model)
+        if bar:
+            bar.close()
+
+def data_check(data: dict[str, DataSplit]) -> Check:
+    """Every record was parsed and validated while tokenizing (``load_examples`` raises ``DataError`` otherwise)."""
+    evidence = "; ".join(f"{split}: {d.examples_read} records read, {d.examples_kept} kept, {d.dropped_overlong} "
+                         f"dropped and {d.truncated_overlong} truncated as overlong, sha256 {d.sha256[:12]}"
+                         for split, d in data.items())
+    return Check(name="data files parsed and validated (format, roles or labels, UTF-8, line size)",
+                 status="passed", evidence=evidence)
+
+def trainable_check(cfg: Config, trainable: int) -> Check:
+    """``prepare_trainable`` stops the run when the trainable count differs from the one computed from the shapes."""
+    name = "trainable parameters match the count computed from the base's shapes"
+    if cfg.lora.method == "full":
+        return Check(name=name, status="not run", evidence="lora.method=full trains every weight; nothing to compare")
+    rule = {"lora": f"r={cfg.lora.r} x (in + out) summed over the target layers"
+                    + (" + the classification head" if cfg.task == "sequence_classification" else ""),
+            "last_layers": f"the parameters of the last {cfg.lora.last_layers} blocks and the head"}[cfg.lora.method]
+    return Check(name=name, status="passed", evidence=f"{trainable:,} trainable = {rule}")
+
+
+# Per-process caches. A Tune actor runs trial after trial (reuse_actors=True), each through train_domain; without
+# these every trial would re-read the tokenizer, re-tokenize its data and reload the base model (3 s for
+# SmolLM2-135M in 4-bit on CPU). Ray Train workers run one domain each, so for them the caches are inert.
+
+_memos: dict[tuple, Any] = {}
+_idle_base_models: dict[tuple, torch.nn.Module] = {}
+
+
+def _memo(key: tuple, load: Callable[[], Any]) -> Any:
+    if key not in _memos:
+        _memos[key] = load()
+    return _memos[key]
+
+def _tokenized(url: str, domain: Domain, tokenizer: Any, cfg: Config):
+    """``load_examples`` once per file version: the key holds fsspec's ukey (a hash of size/mtime, or the ETag)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **domain.storage_options)
+    # id(tokenizer) is stable: tokenizers are memoized too, one object per tokenizer.
+    key = ("examples", url, fs.ukey(path), id(tokenizer), cfg.train.max_seq_len, cfg.train.overlong, cfg.task,
+           tuple(domain.labels or ()))
+    if cfg.task == "sequence_classification":
+        return _memo(key, lambda: load_labelled_examples(url, domain.storage_options, tokenizer, cfg.train.max_seq_len,
+                                                         cfg.train.overlong, domain.labels))
+    return _memo(key, lambda: load_examples(url, domain.storage_options, tokenizer, cfg.train.max_seq_len,
+                                            cfg.train.overlong))
+
+def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend, labels: list[str] | None,
+                       pad_token_id: int) -> tuple[tuple | None, torch.nn.Module]:
+    """(key, base) with this process's idle base for ``cfg`` if there is one, else a fresh load.
+
+    The base leaves the cache while lent: a run that never gives it back (killed mid-step) leaves nothing
+    behind, so the next run loads afresh instead of training on a base that still carries LoRA layers.
+    """
+    if cfg.lora.method != "lora" or cfg.task != "causal_lm":
+        # Not given back (key None): last_layers and full train the base's own weights, and peft's unload() of a
+        # sequence classifier leaves the *trained* copy of the head in the base (modules_to_save).
+        return None, load_base_model(model_dir, cfg.model, cfg.quant, backend, labels, pad_token_id)
+    key = (str(model_dir), cfg.model.revision, cfg.quant.model_dump_json(), repr(backend),
+           cfg.train.gradient_checkpointing)
+    base = _idle_base_models.pop(key, None)
+    if base is None:
+        _idle_base_models.clear()  # one base per process: a different one replaces it, memory stays flat
+        base = load_base_model(model_dir, cfg.model, cfg.quant, backend)
+    return key, base
+
+def _give_back_base_model(key: tuple | None, model: torch.nn.Module) -> None:
+    """Strip the adapter and keep the base, in the state a fresh load has, for the next run in this process.
+
+    peft's ``unload()`` puts the original modules back (the same objects) and drops its ``peft_config``. A run
+    changes the base in two more ways, undone here: train mode, and the input-grad hook that ``apply_lora`` adds for
+    gradient checkpointing without 4-bit (it would add another). Its 4-bit weights stay as loaded: the run kept
+    bitsandbytes from repacking them (``keep_4bit_layers_differentiable``). tests/test_tune.py checks that a run on
+    a given-back base reproduces a fresh one exactly.
+    """
+    if key is None:
+        return  # a base that cannot be reused (see _borrow_base_model)
+    base = getattr(model, "module", model).unload()  # .module: DDP-wrapped on multi-worker runs
+    base.disable_input_require_grads()
+    base.eval()
+    _idle_base_models[key] = base
+
+def _quiet_worker_logs() -> None:
+    """Keep the driver's terminal to progress bars and warnings: no per-report INFO lines or loading bars."""
+    import logging
+
+    import transformers
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+def _progress_bar(rank: int, desc: str, total: int, done: int):
+    """A tqdm bar that Ray renders on the driver's terminal (rank 0 only)."""
+    if rank != 0:
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=total, desc=desc)
+    bar.update(done)  # ray's tqdm takes no `initial`
+    return bar
