@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,9 +101,14 @@ def builtin_smollm2() -> Path:
 
 
 def _convert_gguf(package_dir: str, folder: Path) -> None:
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = next(f for f in os.listdir(package_dir) if f.endswith(".gguf"))
+    # One line instead of transformers' three progress bars, which a log file would keep as hundreds of lines.
+    print(f"preparing the default model once: converting {gguf_file} to safetensors in {folder.parent} "
+          "(30-60 s on 2 cores)", file=sys.stderr, flush=True)
+    transformers.utils.logging.disable_progress_bar()
     loaded = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
     config = loaded.config

@@ -8,6 +8,7 @@ Credentials live in two places: a URL's ``user:password@`` part, and the ``stora
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -16,7 +17,8 @@ STORAGE_OPTIONS = "storage_options"
 """The config field holding object-store options (endpoint_url, key, secret, ...), in every section that has one."""
 _PUBLIC_OPTIONS = frozenset({"endpoint_url"})
 _SECRET_OPTIONS = ("key", "secret", "token")
-_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+AWS_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_CREDENTIAL_NAME = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
 _MIN_SECRET_LENGTH = 8
 """Shorter strings would match by accident; real keys and secrets are 16+ characters."""
 
@@ -49,8 +51,13 @@ def scrub_url(text: str, url: str) -> str:
 def credential_values(options: Mapping[str, Any]) -> tuple[str, ...]:
     """The secrets an object-store client opened with ``options`` may use: its key/secret/token, or the AWS_*
     environment variables it falls back to. What holds one of them must never be written or shown."""
-    values = [options.get(name) for name in _SECRET_OPTIONS] + [os.environ.get(name) for name in _SECRET_ENV]
+    values = [options.get(name) for name in _SECRET_OPTIONS] + [os.environ.get(name) for name in AWS_SECRET_ENV]
     return tuple(value for value in values if isinstance(value, str) and len(value) >= _MIN_SECRET_LENGTH)
+
+
+def names_a_credential(name: str) -> bool:
+    """True for an option or setting name that may hold a credential (``secret``, ``aws_access_key_id``, ...)."""
+    return bool(_CREDENTIAL_NAME.search(name))
 
 
 def mask_storage_options(tree: Any) -> Any:

@@ -97,11 +97,12 @@ def tune_command(
 ) -> None:
     """Search LoRA rank, alpha and learning rate per domain with Ray Tune (ASHA stops weak trials early)."""
     from pipelines import tune
+    from pipelines.sweep import tune_dir as sweep_dir
 
     cfg = load_config(config, overrides or [])
     for sweep in tune.run(cfg, domain, resume):
         console.print(tune_table(sweep))
-        folder = _short_path(tune.tune_dir(cfg, sweep.domain))
+        folder = _short_path(sweep_dir(cfg, sweep.domain))
         console.print(f"best: trial {sweep.best} → {folder}/best.json (`loramill train --from-tune` uses it); "
                       f"plot {folder}/tune.png")
 

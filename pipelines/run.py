@@ -44,7 +44,7 @@ def run(cfg: Config, domain_names: list[str] | None = None, *, sweep: bool = Fal
 
 
 def search_record(cfg: Config, sweep: Any) -> SearchRecord:
-    """What the audit's design-choices and change-envelope sections need from a sweep (``tune.SweepResult``)."""
+    """What the audit's design-choices and change-envelope sections need from a sweep (``sweep.SweepResult``)."""
     settings = cfg.tune
     trials = [TrialSummary(trial_id=t.trial_id, r=t.r, alpha=t.alpha, learning_rate=t.learning_rate,
                            eval_loss=t.eval_loss, steps=t.steps, status=t.status) for t in sweep.trials]

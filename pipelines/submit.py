@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import secrets
 import shlex
 import time
@@ -34,6 +33,7 @@ from urllib.parse import urlsplit
 import pipelines.ray_session  # noqa: F401  (sets Ray's environment before ray is imported)
 from infra.store import store_up
 from lora.config import Config, ConfigError, is_local_path, load_config
+from lora.redact import AWS_SECRET_ENV, names_a_credential
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
@@ -46,8 +46,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKING_DIR_EXCLUDES = [".?*", "__pycache__", "*.egg-info", "build", "dist", "runs"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-CREDENTIAL_KEY = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
 
 
 @dataclass
@@ -143,7 +141,7 @@ def refuse_credential_overrides(overrides: list[str]) -> None:
     """``ConfigError`` for an override that sets a credential: it would be stored in the job's entrypoint."""
     problems = [f"{key}: a credential on the command line is stored in the job's entrypoint, which Ray shows to "
                 "anyone who lists jobs; give the cluster the credential instead (its environment, a Kubernetes Secret)"
-                for key in (override.partition("=")[0] for override in overrides) if CREDENTIAL_KEY.search(key)]
+                for key in (override.partition("=")[0] for override in overrides) if names_a_credential(key)]
     if problems:
         raise ConfigError(problems)
 
@@ -151,7 +149,7 @@ def refuse_credential_overrides(overrides: list[str]) -> None:
 def credential_notes(cfg: Config) -> list[str]:
     """Say so when this shell holds AWS credentials that the job will not get, or the config file holds some."""
     notes = []
-    held = [name for name in AWS_SECRETS if os.environ.get(name)]
+    held = [name for name in AWS_SECRET_ENV if os.environ.get(name)]
     if held and cfg.publish.registry != "embedded":
         notes.append(f"note: {', '.join(held)} from this shell are not sent with the job (Ray shows a job's "
                      "environment to anyone who lists jobs); the cluster must hold them: the `ray start` environment, "
@@ -159,7 +157,7 @@ def credential_notes(cfg: Config) -> list[str]:
     options = [("publish", cfg.publish.storage_options), ("cluster", cfg.cluster.storage_options)]
     options += [(f"domains.{i}", domain.storage_options) for i, domain in enumerate(cfg.domains)]
     in_file = [f"{where}.storage_options.{key}" for where, values in options for key in values
-               if CREDENTIAL_KEY.search(key)]
+               if names_a_credential(key)]
     if in_file:
         notes.append(f"note: the config file holds {', '.join(in_file)}; it travels in the uploaded working dir, which "
                      "Ray keeps and unpacks on every node: prefer the cluster's environment")

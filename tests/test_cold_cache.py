@@ -15,7 +15,7 @@ DOMAINS = ("medical", "legal", "support")
 
 
 @pytest.mark.slow
-def test_first_run_on_a_cold_cache_is_clean(tmp_path):
+def test_first_run_on_a_cold_cache_is_clean(ray_cluster, tmp_path):
     data = tmp_path / "data"
     for name in DOMAINS:
         (data / name).mkdir(parents=True)
@@ -34,7 +34,9 @@ def test_first_run_on_a_cold_cache_is_clean(tmp_path):
     }))
     cache = tmp_path / "cache"
     cache.mkdir()
-    env = os.environ | {"LORAMILL_CACHE": str(cache)}
+    # Joins the session's cluster: a second local Ray on the machine would make Ray Train's own helpers (its
+    # placement-group cleaner finds "the" cluster by auto-detection) fail with tracebacks of their own.
+    env = os.environ | {"LORAMILL_CACHE": str(cache), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     loramill = Path(sys.executable).with_name("loramill")
     result = subprocess.run([str(loramill), "train", str(config)], env=env, capture_output=True, text=True,
                             timeout=900)

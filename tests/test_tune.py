@@ -10,7 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from lora.config import ConfigError, load_config
-from pipelines import train_worker, tune
+from ray.tune.schedulers import ASHAScheduler
+
+from pipelines import sweep, train_worker, tune
 from pipelines.run_folder import data_fingerprint
 from pipelines.cli import app
 from tests.conftest import read_json
@@ -161,11 +163,11 @@ def test_search_space_and_trial_values():
 
     from lora.config import TuneSettings
 
-    grid = tune.search_space(TuneSettings(search="grid", ranks=[4, 8], learning_rates=[1e-3],
+    grid = sweep.search_space(TuneSettings(search="grid", ranks=[4, 8], learning_rates=[1e-3],
                                           target_module_sets=["all-linear", ["q_proj", "v_proj"]]))
     assert grid["r"] == {"grid_search": [4, 8]} and grid["learning_rate"] == {"grid_search": [1e-3]}
     assert grid["target_modules"] == {"grid_search": ["all-linear", "q_proj,v_proj"]}
-    sampled = tune.search_space(TuneSettings(search="optuna", alpha_per_rank=False, alphas=[16.0], dropouts=[0.1]))
+    sampled = sweep.search_space(TuneSettings(search="optuna", alpha_per_rank=False, alphas=[16.0], dropouts=[0.1]))
     assert isinstance(sampled["alpha"], Categorical) and isinstance(sampled["learning_rate"], Float)
     assert set(sampled) == {"r", "alpha", "learning_rate", "dropout"}
 
@@ -173,7 +175,7 @@ def test_search_space_and_trial_values():
 def test_trial_config_and_experiment_name(tiny_config_file):
     cfg = load_config(tiny_config_file(**SWEEP))
     params = {"r": 8, "alpha_ratio": 0.5, "learning_rate": 3e-4, "target_modules": "q_proj,v_proj"}
-    trial = tune.trial_config(cfg, params)
+    trial = sweep.trial_config(cfg, params)
     assert (trial.lora.r, trial.lora.alpha, trial.train.learning_rate) == (8, 4.0, 3e-4)
     assert trial.lora.target_modules == ["q_proj", "v_proj"] and trial.lora.dropout == cfg.lora.dropout
     with pytest.raises(ConfigError, match="no domain named"):
@@ -213,15 +215,15 @@ def test_asha_rungs_survive_a_resume():
     from ray.tune.schedulers import TrialScheduler
 
     def asha_and_callback():
-        scheduler = tune.ASHAScheduler(time_attr=tune.STEP, max_t=8, grace_period=2, reduction_factor=2,
-                                       stop_last_trials=False, metric=tune.METRIC, mode="min")
-        return scheduler, tune.AshaRungs(scheduler)
+        scheduler = ASHAScheduler(time_attr=sweep.STEP, max_t=8, grace_period=2, reduction_factor=2,
+                                       stop_last_trials=False, metric=sweep.METRIC, mode="min")
+        return scheduler, sweep.AshaRungs(scheduler)
 
     def report(scheduler, trial_id, step, loss):
         trial = SimpleNamespace(trial_id=trial_id)
         if step == 1:
             scheduler.on_trial_add(None, trial)
-        return scheduler.on_trial_result(None, trial, {tune.STEP: step, tune.METRIC: loss})
+        return scheduler.on_trial_result(None, trial, {sweep.STEP: step, sweep.METRIC: loss})
 
     scheduler, callback = asha_and_callback()
     tuner_state = pickle.dumps((scheduler, callback))  # as Tuner saves it when the sweep starts
