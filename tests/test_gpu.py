@@ -68,3 +68,22 @@ def test_fused_kernels_match_the_plain_modules(tiny_model_dir):
     for name, grad in grads.items():
         error = (grad - plain_grads[name]).norm() / plain_grads[name].norm()
         assert error < 0.05, f"{name}: relative gradient difference {error:.3f} (bf16 compute)"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpu_ddp_run_evaluates_the_set_one_gpu_does(ray_cluster, tiny_config_file):
+    """DDP on two GPUs with accumulation (no_sync on the first micro batch of each step): the base's eval loss at
+    step 0 equals the one-GPU run's (the capped set is split across ranks, not capped per rank), and it trains."""
+    config = tiny_config_file(domains=("medical",), cluster={"use_gpu": True}, train={
+        "max_steps": 4, "grad_accum": 2, "max_eval_examples": 5, "eval_every": 2, "checkpoint_every": 4})
+    histories = {}
+    for workers in (1, 2):
+        output = config.parent / f"output-{workers}"
+        result = CliRunner().invoke(app, ["train", str(config), f"cluster.workers_per_domain={workers}",
+                                          f"cluster.output_dir={output}"])
+        assert result.exit_code == 0, result.output
+        [run_dir] = (output / "medical").iterdir()
+        histories[workers] = read_json(run_dir / "history.json")
+        assert read_json(run_dir / "run_info.json")["hardware"]["workers"] == workers
+    assert histories[1][0]["eval_loss"] == pytest.approx(histories[2][0]["eval_loss"], rel=1e-3)  # bf16 compute
+    assert histories[2][-1]["eval_loss"] < histories[2][0]["eval_loss"]
