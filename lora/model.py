@@ -3,8 +3,10 @@ the last layers, or every weight), and the trainable-parameter check."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -105,12 +107,14 @@ def _convert_gguf(package_dir: str, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = next(f for f in os.listdir(package_dir) if f.endswith(".gguf"))
-    # One line instead of transformers' three progress bars, which a log file would keep as hundreds of lines.
+    # One line instead of transformers' progress bars, which a log file would keep as hundreds of lines. The GGUF
+    # reader draws its own tqdm bar, which no transformers setting turns off: its stderr goes nowhere.
     print(f"preparing the default model once: converting {gguf_file} to safetensors in {folder.parent} "
           "(30-60 s on 2 cores)", file=sys.stderr, flush=True)
     transformers.utils.logging.disable_progress_bar()
-    loaded = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    with contextlib.redirect_stderr(io.StringIO()):
+        loaded = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
     config = loaded.config
     del config.quantization_config
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

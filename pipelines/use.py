@@ -23,7 +23,7 @@ import torch
 from rich.table import Table
 from rich.text import Text
 
-from infra.registry import MANIFEST, IntegrityError, Manifest, Registry, RegistryError
+from infra.registry import MANIFEST, IntegrityError, Manifest, Registry, RegistryError, folder_matches_manifest
 from lora.config import Config, ConfigError, Quantization
 from lora.files import file_sha256
 from lora.model import cache_dir, logical_model_id, resolve_model_dir, weights_sha256
@@ -187,7 +187,7 @@ def fetch(registry: Registry, domain: str, ref: str | None, cache_root: Path) ->
     folder = Path(cache_root) / domain / f"v{version}"
     source = "registry"
     if folder.exists():
-        if matches_manifest(folder, manifest):
+        if folder_matches_manifest(folder, manifest):
             return Fetched(domain, version, ref, folder, manifest, "cache")
         _remove(folder)
         source = "registry (cache did not match)"
@@ -195,21 +195,9 @@ def fetch(registry: Registry, domain: str, ref: str | None, cache_root: Path) ->
         registry.pull(domain, version, folder)
     except RegistryError:
         # Another process may have pulled the same version into the cache a moment ago.
-        if not (folder.exists() and matches_manifest(folder, manifest)):
+        if not (folder.exists() and folder_matches_manifest(folder, manifest)):
             raise
     return Fetched(domain, version, ref, folder, manifest, source)
-
-
-def matches_manifest(folder: Path, manifest: Manifest) -> bool:
-    """True if ``folder`` holds exactly the manifest's files, each with its size and sha256."""
-    present = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
-    if present.keys() != manifest.files.keys():
-        return False
-    for name, entry in manifest.files.items():
-        path = present[name]
-        if path.is_symlink() or path.stat().st_size != entry.size or file_sha256(path) != entry.sha256:
-            return False
-    return True
 
 
 def check_base(cfg: Config, model_dir: Path | str, adapter: Fetched) -> dict[str, Any]:

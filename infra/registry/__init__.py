@@ -29,6 +29,7 @@ The package, from the bottom up:
 from infra.registry.documents import AliasState, FileEntry, Manifest, PublishedVersion, VersionInfo
 from infra.registry.errors import ConflictError, IntegrityError, RegistryError
 from infra.registry.facade import Registry
+from infra.registry.integrity import folder_matches_manifest
 from infra.registry.rules import LATEST, MANIFEST, validate_name
 from lora.names import MAX_NAME_LENGTH, NAME_PATTERN
 
@@ -46,5 +47,6 @@ __all__ = [
     "Registry",
     "RegistryError",
     "VersionInfo",
+    "folder_matches_manifest",
     "validate_name",
 ]

@@ -50,6 +50,22 @@ def scan_adapter_dir(local_dir: Path) -> dict[str, FileEntry]:
     return files
 
 
+def folder_matches_manifest(folder: Path, manifest: Manifest) -> bool:
+    """True if the local ``folder`` holds exactly the manifest's files (no symlinks), each with its size and sha256:
+    a cached copy of a version that may be used as it is."""
+    present = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+    if present.keys() != manifest.files.keys():
+        return False
+    for name, entry in manifest.files.items():
+        path = present[name]
+        if path.is_symlink() or path.stat().st_size != entry.size:
+            return False
+        with open(path, "rb") as handle:
+            if hash_stream(handle).sha256 != entry.sha256:
+                return False
+    return True
+
+
 def check_manifest_files(manifest: Manifest) -> None:
     """Raise IntegrityError if the manifest lists a file the registry would not store."""
     for name in manifest.files:
