@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from infra.registry import ConflictError, PublishedVersion, Registry, RegistryError
+from infra.registry import ConflictError, Manifest, PublishedVersion, Registry, RegistryError
 from lora.config import Config, ConfigError, Domain, is_local_path
 from lora.data import read_jsonl, to_labelled_text, to_messages
 from lora.diff import adapter_deltas
@@ -41,6 +41,7 @@ from pipelines.records import (
     RunRecord,
     Sample,
     SearchRecord,
+    TrainedOn,
     eval_set_fingerprint,
 )
 from pipelines.registry_access import open_registry
@@ -162,6 +163,10 @@ def apply_gate(registry: Registry, cfg: Config, domain: Domain, record: RunRecor
     candidate = Candidate(record.eval_loss, record.base_eval_loss, eval_set)
     incumbent = stored_incumbent(registry, domain.name, alias, eval_set)
     if incumbent is not None and incumbent.eval_loss is None:
+        other_base = trained_elsewhere(registry.manifest(domain.name, incumbent.version), record, cfg)
+        if other_base:  # its adapter does not load on this base as it was trained: nothing to measure
+            return decide(alias, cfg.publish.gate_tolerance, candidate,
+                          Incumbent(incumbent.version, None, f"{incumbent.compared_on}; {other_base}"), force)
         with tempfile.TemporaryDirectory(prefix="loramill-gate-") as directory:
             current_dir = registry.pull(domain.name, incumbent.version, Path(directory) / "current")
             losses = evaluate_on_eval_set(cfg, domain, record, {"candidate": adapter_dir, "current": current_dir})
@@ -170,6 +175,22 @@ def apply_gate(registry: Registry, cfg: Config, domain: Domain, record: RunRecor
                               f"both adapters and the base evaluated at this publish on this run's eval set "
                               f"({incumbent.compared_on})")
     return decide(alias, cfg.publish.gate_tolerance, candidate, incumbent, force)
+
+
+def trained_elsewhere(manifest: Manifest, record: RunRecord, cfg: Config) -> str | None:
+    """Why the version of ``manifest`` was not trained on this run's base and quantization, or None if it was."""
+    trained = TrainedOn.of(manifest)
+    ours = record.info.base_model
+    if trained.base_model is None or trained.quant is None:
+        return f"v{manifest.version} does not record the base and quantization it was trained on"
+    theirs = trained.base_model
+    weights_differ = None not in (theirs.weights_sha256, ours.weights_sha256) \
+        and theirs.weights_sha256 != ours.weights_sha256
+    if theirs.id != ours.id or weights_differ:
+        return f"v{manifest.version} was trained on another base ({theirs.id}, weights {theirs.weights_sha256})"
+    if trained.quant.mode != cfg.quant.mode:
+        return f"v{manifest.version} was trained with quant.mode={trained.quant.mode}, this run with {cfg.quant.mode}"
+    return None
 
 
 def evaluate_on_eval_set(cfg: Config, domain: Domain, record: RunRecord,

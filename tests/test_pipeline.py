@@ -128,3 +128,29 @@ def test_run_with_tune_trains_the_best_trial_and_audits_the_search(ray_cluster, 
     assert len(design["trials"]) == 2 and design["chosen"]["trial_id"] == best["trial_id"]
     assert audit["base_model_and_modification"]["lora"]["r"] == best["lora"]["r"]
     assert audit["predetermined_changes"]["retraining_envelope"]["lora_r"] == [2, 4]
+
+
+def test_production_trained_on_another_base_or_quantization_is_not_re_evaluated():
+    """The gate measures production on new eval data only where its adapter loads as it was trained."""
+    from infra.registry import Manifest
+    from lora.config import Config
+    from pipelines.publish import trained_elsewhere
+    from pipelines.records import BaseModelRef, RunInfo, RunRecord
+
+    ours = BaseModelRef(id="org/base", revision=None, weights_sha256="a" * 64)
+    record = RunRecord.model_construct(info=RunInfo.model_construct(base_model=ours))
+    cfg = Config.model_validate({"domains": [{"name": "d", "train": "t.jsonl", "eval": "e.jsonl", "intended_use": "x",
+                                              "limitations": "y"}]})
+
+    def production(**metadata) -> Manifest:
+        return Manifest.model_validate({"schema": 1, "domain": "d", "version": 2, "parent_version": 1,
+                                        "created_at": "2026-11-29T00:00:00+00:00", "files": {}, **metadata})
+
+    same = {"base_model": ours.model_dump(), "quant": cfg.quant.model_dump()}
+    assert trained_elsewhere(production(**same), record, cfg) is None
+    assert "another base" in trained_elsewhere(production(**same | {"base_model": ours.model_dump() | {
+        "weights_sha256": "b" * 64}}), record, cfg)
+    assert "another base" in trained_elsewhere(production(**same | {"base_model": ours.model_dump() | {
+        "id": "org/other"}}), record, cfg)
+    assert "quant.mode=none" in trained_elsewhere(production(**same | {"quant": {"mode": "none"}}), record, cfg)
+    assert "does not record" in trained_elsewhere(production(), record, cfg)
