@@ -16,11 +16,14 @@ def worker_resources(cfg: Config, domain: Domain) -> dict[str, float]:
     return {"CPU": cfg.cluster.cpus_per_worker} | ({"GPU": 1} if cfg.cluster.use_gpu else {}) | \
         domain.resources_per_worker
 
+
 def domain_need(cfg: Config, domain: Domain) -> dict[str, float]:
     return {k: v * cfg.cluster.workers_per_domain for k, v in worker_resources(cfg, domain).items()}
 
+
 def fits(need: dict[str, float], in_use: dict[str, float], capacity: dict[str, float]) -> bool:
     return all(in_use.get(k, 0) + v <= capacity.get(k, 0) + 1e-9 for k, v in need.items())
+
 
 def node_offers() -> list[dict[str, float]]:
     """The resources of every alive node, and of every node type the autoscaler may still start.
@@ -29,6 +32,7 @@ def node_offers() -> list[dict[str, float]]:
     Train's own pre-start check reads; a cluster without an autoscaler has none.
     """
     return [node["Resources"] for node in ray.nodes() if node["Alive"]] + autoscaler_node_types()
+
 
 def check_fit(cfg: Config, domains: list[Domain]) -> None:
     """``ConfigError`` for every domain whose worker fits on no node: Ray would otherwise wait for one forever."""
@@ -46,10 +50,12 @@ def check_fit(cfg: Config, domains: list[Domain]) -> None:
     if problems:
         raise ConfigError(problems)
 
+
 def _resource_text(resources: dict[str, float]) -> str:
     """``{CPU: 2, gpu_a10: 1}``: without the memory and ``node:<ip>`` entries Ray adds to every node."""
     shown = {k: v for k, v in resources.items() if v and not k.startswith("node:") and "memory" not in k}
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
+
 
 def storage(cfg: Config) -> tuple[str, Any]:
     """(storage_path, pyarrow filesystem or None) for Ray Train checkpoints."""

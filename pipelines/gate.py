@@ -2,7 +2,7 @@
 alias's current version by more than the tolerance, both losses measured on the same eval set.
 
 Light (no torch): ``loramill promote`` decides here from the versions' manifests. Publish measures the pair itself
-when production's stored loss was on other data (``pipelines.publish.compare_on_this_eval_set``).
+when production's stored loss was on other data (``pipelines.publish.apply_gate``).
 """
 
 from __future__ import annotations

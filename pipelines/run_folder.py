@@ -36,6 +36,7 @@ def run_name(cfg: Config, domain: Domain, data_sha256: dict[str, str], fresh: st
     }
     return f"{domain.name}-{run_identity(config, data_sha256)}" + (f"-{fresh}" if fresh else "")
 
+
 def data_fingerprint(domain: Domain) -> dict[str, str]:
     """Validate the domain's train and eval files (``DataError`` names the file and line) and return the sha256 of
     each: every byte ``read_jsonl`` reads, which is what the worker records while tokenizing."""
@@ -45,6 +46,7 @@ def data_fingerprint(domain: Domain) -> dict[str, str]:
         check_file(url, domain.storage_options, domain.labels, digest)
         fingerprints[split] = digest.hexdigest()
     return fingerprints
+
 
 def collect_output(cfg: Config, domain: Domain, name: str, data_sha256: dict[str, str], checkpoint: Checkpoint,
                    wall: float) -> dict[str, Any]:

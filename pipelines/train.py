@@ -50,6 +50,7 @@ def build_trainer(cfg: Config, domain: Domain, name: str, callbacks: list | None
         ),
     )
 
+
 @ray.remote(num_cpus=0.01)
 def fit_domain(cfg_dict: dict[str, Any], domain_name: str, data_sha256: dict[str, str],
                fresh: str | None) -> dict[str, Any]:
@@ -60,6 +61,7 @@ def fit_domain(cfg_dict: dict[str, Any], domain_name: str, data_sha256: dict[str
     started = time.time()
     result = build_trainer(cfg, domain, name).fit()
     return collect_output(cfg, domain, name, data_sha256, result.checkpoint, time.time() - started)
+
 
 def preflight(cfg: Config, domains: list[Domain]) -> dict[str, dict[str, str]]:
     """Refuse what cannot run before any Ray work starts: data, bitsandbytes, GPUs, worker sizes. Returns each
@@ -72,8 +74,10 @@ def preflight(cfg: Config, domains: list[Domain]) -> dict[str, dict[str, str]]:
     check_fit(cfg, domains)
     return fingerprints
 
+
 def select_domains(cfg: Config, names: list[str] | None) -> list[Domain]:
     return [cfg.domain(n) for n in names] if names else list(cfg.domains)
+
 
 def run(cfg: Config, domain_names: list[str] | None = None, domain_configs: dict[str, Config] | None = None,
         *, fresh: bool = False) -> list[RunRecord]:

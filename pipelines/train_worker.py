@@ -63,10 +63,12 @@ class WorkerSession:
         return cls(context.get_world_rank(), context.get_world_size(), context.get_local_rank(),
                    ray.train.get_checkpoint, ray.train.report)
 
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function: one DDP rank of one domain's run."""
     cfg = Config.model_validate(loop_config["cfg"])
     train_domain(cfg, cfg.domain(loop_config["domain"]), WorkerSession.ray_train())
+
 
 def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
     """Load the base, make trainable what ``lora.method`` says (a LoRA adapter by default), resume from the session's
@@ -149,6 +151,7 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
         if bar:
             bar.close()
 
+
 def data_check(data: dict[str, DataSplit]) -> Check:
     """Every record was parsed and validated while tokenizing (``load_examples`` raises ``DataError`` otherwise)."""
     evidence = "; ".join(f"{split}: {d.examples_read} records read, {d.examples_kept} kept, {d.dropped_overlong} "
@@ -156,6 +159,7 @@ def data_check(data: dict[str, DataSplit]) -> Check:
                          for split, d in data.items())
     return Check(name="data files parsed and validated (format, roles or labels, UTF-8, line size)",
                  status="passed", evidence=evidence)
+
 
 def trainable_check(cfg: Config, trainable: int) -> Check:
     """``prepare_trainable`` stops the run when the trainable count differs from the one computed from the shapes."""
@@ -172,6 +176,7 @@ def trainable_check(cfg: Config, trainable: int) -> Check:
 # these every trial would re-read the tokenizer, re-tokenize its data and reload the base model (3 s for
 # SmolLM2-135M in 4-bit on CPU). Ray Train workers run one domain each, so for them the caches are inert.
 
+
 _memos: dict[tuple, Any] = {}
 _idle_base_models: dict[tuple, torch.nn.Module] = {}
 
@@ -180,6 +185,7 @@ def _memo(key: tuple, load: Callable[[], Any]) -> Any:
     if key not in _memos:
         _memos[key] = load()
     return _memos[key]
+
 
 def _tokenized(url: str, domain: Domain, tokenizer: Any, cfg: Config):
     """``load_examples`` once per file version: the key holds fsspec's ukey (a hash of size/mtime, or the ETag)."""
@@ -194,6 +200,7 @@ def _tokenized(url: str, domain: Domain, tokenizer: Any, cfg: Config):
                                                          cfg.train.overlong, domain.labels))
     return _memo(key, lambda: load_examples(url, domain.storage_options, tokenizer, cfg.train.max_seq_len,
                                             cfg.train.overlong))
+
 
 def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend, labels: list[str] | None,
                        pad_token_id: int) -> tuple[tuple | None, torch.nn.Module]:
@@ -214,6 +221,7 @@ def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend, lab
         base = load_base_model(model_dir, cfg.model, cfg.quant, backend)
     return key, base
 
+
 def _give_back_base_model(key: tuple | None, model: torch.nn.Module) -> None:
     """Strip the adapter and keep the base, in the state a fresh load has, for the next run in this process.
 
@@ -230,6 +238,7 @@ def _give_back_base_model(key: tuple | None, model: torch.nn.Module) -> None:
     base.eval()
     _idle_base_models[key] = base
 
+
 def _quiet_worker_logs() -> None:
     """Keep the driver's terminal to progress bars and warnings: no per-report INFO lines or loading bars."""
     import logging
@@ -239,6 +248,7 @@ def _quiet_worker_logs() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
 
 def _progress_bar(rank: int, desc: str, total: int, done: int):
     """A tqdm bar that Ray renders on the driver's terminal (rank 0 only)."""
