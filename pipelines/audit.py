@@ -279,7 +279,8 @@ def render_markdown(audit: AuditRecord, version: int) -> str:
               f"Gate decision: **{gate.decision}** — {gate.reason}", ""]
     if gate.current_eval_loss is not None:
         lines += [f"Gate compared eval loss {gate.new_eval_loss:.4f} (this adapter) with {gate.current_eval_loss:.4f} "
-                  f"({gate.alias} v{gate.current_version}) on eval set `{gate.eval_set[:16]}…`: {gate.compared_on}.", ""]
+                  f"({gate.alias} v{gate.current_version}) on eval set `{gate.eval_set[:16]}…`: {gate.compared_on}.",
+                  ""]
     lines += ["![loss curves](loss_curves.png)", "",
               "## 7. Intended use and limitations (3)",
               f"- Intended use: {audit.intended_use_and_limitations.intended_use}",
@@ -316,19 +317,19 @@ def render_markdown(audit: AuditRecord, version: int) -> str:
 
 def _metrics_table(audit: AuditRecord) -> list[str]:
     """base / this adapter / parent rows: loss with perplexity, or with accuracy for a classifier."""
-    metrics, parent = audit.validation.metrics, audit.change_log.parent_version
-    if metrics.eval_accuracy is not None:
-        rows = ["| model | eval loss | accuracy |", "|---|---|---|",
-                f"| base (untrained head) | {metrics.base_eval_loss:.4f} | {metrics.base_eval_accuracy:.2%} |",
-                f"| this adapter | {metrics.eval_loss:.4f} | {metrics.eval_accuracy:.2%} |"]
-        if metrics.parent_eval_loss is not None:
-            rows.append(f"| parent v{parent} | {metrics.parent_eval_loss:.4f} | - |")
-        return rows
-    rows = ["| model | eval loss | perplexity |", "|---|---|---|",
-            f"| base | {metrics.base_eval_loss:.4f} | {metrics.base_eval_perplexity:.2f} |",
-            f"| this adapter | {metrics.eval_loss:.4f} | {metrics.eval_perplexity:.2f} |"]
-    if metrics.parent_eval_loss is not None:
-        rows.append(f"| parent v{parent} | {metrics.parent_eval_loss:.4f} | {math.exp(metrics.parent_eval_loss):.2f} |")
+    m, parent = audit.validation.metrics, audit.change_log.parent_version
+    if m.eval_accuracy is not None:
+        column, base, base_value, value = "accuracy", "base (untrained head)", f"{m.base_eval_accuracy:.2%}", \
+            f"{m.eval_accuracy:.2%}"
+        parent_value = "-"
+    else:
+        column, base, base_value, value = "perplexity", "base", f"{m.base_eval_perplexity:.2f}", \
+            f"{m.eval_perplexity:.2f}"
+        parent_value = "-" if m.parent_eval_loss is None else f"{math.exp(m.parent_eval_loss):.2f}"
+    rows = [f"| model | eval loss | {column} |", "|---|---|---|", f"| {base} | {m.base_eval_loss:.4f} | {base_value} |",
+            f"| this adapter | {m.eval_loss:.4f} | {value} |"]
+    if m.parent_eval_loss is not None:
+        rows.append(f"| parent v{parent} | {m.parent_eval_loss:.4f} | {parent_value} |")
     return rows
 
 
