@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 from lora.config import load_config  # noqa: E402
 from lora.data import load_examples  # noqa: E402
 from lora.model import load_tokenizer, resolve_model_dir  # noqa: E402
-from lora.train import Shard  # noqa: E402
+from lora.train import Batching, Shard  # noqa: E402
 
 
 def main() -> None:
@@ -30,8 +30,8 @@ def main() -> None:
         examples, _ = load_examples(domain.train, {}, tokenizer, cfg.train.max_seq_len, cfg.train.overlong)
         shard = Shard(examples, [], 0, 1)
         for size in args.micro_batch_sizes:
-            plain = shard.padding_fraction(size, cfg.train.seed, group_by_length=False)
-            grouped = shard.padding_fraction(size, cfg.train.seed, group_by_length=True)
+            plain = shard.padding_fraction(Batching(size, cfg.train.seed, group_by_length=False))
+            grouped = shard.padding_fraction(Batching(size, cfg.train.seed, group_by_length=True))
             print(f"| {domain.name} | {size} | {plain:.1%} | {grouped:.1%} |")
 
 

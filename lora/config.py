@@ -109,7 +109,12 @@ class Training(Section):
     warmup_steps: int = Field(0, ge=0)
     """Steps of linear warmup from 0 to ``learning_rate``."""
     micro_batch_size: int = Field(4, gt=0)
-    """Examples per worker per forward pass."""
+    """Examples per worker per forward pass, each padded to the longest (used when ``batch_tokens`` is not set)."""
+    batch_tokens: int | None = Field(None, gt=0)
+    """Token budget of a micro batch (per worker), instead of an example count: whole examples are packed
+    padding-free into rows of ``min(batch_tokens, max(max_seq_len, 2048))`` tokens, as many rows as the budget holds,
+    with attention kept inside each example. Every step then carries about the same number of real tokens, however
+    short the examples are. Causal LMs only."""
     grad_accum: int = Field(1, gt=0)
     """Micro batches per optimizer step. Global batch = micro_batch_size * grad_accum * workers."""
     max_seq_len: int = Field(512, ge=16)
@@ -137,6 +142,13 @@ class Training(Section):
     def _warmup_fits(self) -> Training:
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+    @model_validator(mode="after")
+    def _budget_holds_a_row(self) -> Training:
+        if self.batch_tokens is not None and self.batch_tokens < self.max_seq_len:
+            raise ValueError(f"batch_tokens ({self.batch_tokens}) must be at least max_seq_len ({self.max_seq_len}): "
+                             "a micro batch holds rows of max_seq_len tokens; raise batch_tokens or lower max_seq_len")
         return self
 
 
@@ -313,6 +325,9 @@ class Config(Section):
         if self.lora.method != "lora" and not classify:
             problems.append(f"lora.method: {self.lora.method} is for task sequence_classification; causal LMs "
                             "train LoRA adapters (lora.method=lora)")
+        if classify and self.train.batch_tokens is not None:
+            problems.append("train.batch_tokens: packing is for causal LMs (a classifier reads one label per row); "
+                            "remove it and set train.micro_batch_size")
         if problems:  # one line each, already "dotted.path: ..." (format_validation_error splits them)
             raise ValueError("\n".join(problems))
         return self

@@ -319,6 +319,29 @@ def collate(examples: list[TokenizedExample] | list[LabelledExample], pad_token_
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def collate_packed(rows: list[list[TokenizedExample]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Each row holds whole examples back to back, padding-free: ``position_ids`` restart at 0 for each example and
+    there is no ``attention_mask``, which transformers reads as packed sequences (a causal mask that stays inside
+    each example, rotary positions of the example's own). An example's first token is no target: it would be
+    predicted from the previous example's last token. Rows are right-padded to the longest; that padding is a
+    segment of its own (positions from 0 again), attended by nothing else and never a target.
+    """
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for e in row:
+            end = start + len(e.input_ids)
+            input_ids[r, start:end] = torch.tensor(e.input_ids)
+            labels[r, start + 1 : end] = torch.tensor(e.labels[1:])
+            position_ids[r, start:end] = torch.arange(end - start)
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
 def epoch_order(n_examples: int, epoch: int, seed: int) -> list[int]:
     """A deterministic shuffle per epoch, so a resumed run sees exactly the batches it would have seen."""
     order = list(range(n_examples))

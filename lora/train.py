@@ -19,11 +19,15 @@ import torch.distributed as dist
 from torch import nn
 
 from lora.config import Training
-from lora.data import LabelledExample, TokenizedExample, collate, epoch_order
+from lora.data import LabelledExample, TokenizedExample, collate, collate_packed, epoch_order
 
 STATE_FILE = "trainer_state.pt"
 LENGTH_GROUP_WINDOW = 16
 """Micro batches per length-sorting window (``train.group_by_length``)."""
+PACKED_ROW_TOKENS = 2048
+"""Row length of packed micro batches (unless ``max_seq_len`` is longer or ``batch_tokens`` shorter). Longer rows
+waste less of their end on an example that does not fit; attention costs each token in proportion to its row's
+length, which at 2048 is a few percent of a step's work for the models loramill trains."""
 HISTORY_FILE = "history.json"
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"
 """What ``lora.method`` last_layers or full writes instead of a PEFT adapter: the trained tensors, by their names in
@@ -46,9 +50,73 @@ class TrainState:
     """One entry per report: step, train_loss, and eval_loss/eval_perplexity when evaluated."""
     base_eval_loss: float | None = None
     """Held-out loss of the base model (adapter disabled, or before the first step), measured once."""
+    tokens: int = 0
+    """Real (non-padding) tokens this rank trained on: ``tokens / train_seconds`` is its throughput."""
     resumed_from_step: list[int] = field(default_factory=list)
     """The step each restart continued from (one entry per resume from a checkpoint): the steps redone after a
     failure are the ones between that step and where the failed attempt was."""
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How an epoch is cut into micro batches. Padded (``row_len`` None): ``micro_batch_size`` examples, each a row
+    padded to the longest. Packed (``train.batch_tokens``): rows of ``row_len`` tokens filled with whole examples,
+    ``rows`` rows a micro batch, no padding between examples."""
+
+    micro_batch_size: int
+    seed: int
+    group_by_length: bool = False
+    row_len: int | None = None
+    rows: int = 0
+
+    @classmethod
+    def of(cls, cfg: Training) -> Batching:
+        if cfg.batch_tokens is None:
+            return cls(cfg.micro_batch_size, cfg.seed, cfg.group_by_length)
+        row_len = min(cfg.batch_tokens, max(cfg.max_seq_len, PACKED_ROW_TOKENS))
+        return cls(cfg.micro_batch_size, cfg.seed, row_len=row_len, rows=cfg.batch_tokens // row_len)
+
+    @property
+    def packed(self) -> bool:
+        return self.row_len is not None
+
+    def describe(self) -> str:
+        if self.packed:
+            return f"packed: {self.rows} row(s) of {self.row_len} tokens a micro batch, examples kept apart"
+        grouped = ", grouped by length" if self.group_by_length else ""
+        return f"padded: {self.micro_batch_size} examples a micro batch{grouped}"
+
+    def collate(self, micro_batch: list[list[TokenizedExample]] | list[list[LabelledExample]],
+                pad_id: int) -> dict[str, torch.Tensor]:
+        """The model inputs of one micro batch (rows of examples, as ``Shard.micro_batch`` gives them)."""
+        if self.packed:
+            return collate_packed(micro_batch, pad_id)
+        return collate([row[0] for row in micro_batch], pad_id)
+
+
+def pack_rows(order: list[int], lengths: list[int], row_len: int, rows: int) -> list[list[list[int]]]:
+    """Micro batches of ``rows`` rows, each row examples (indices into ``lengths``) whose lengths sum to at most
+    ``row_len``: each example, in ``order``, goes into the first row of the open micro batch with room for it, or a
+    new row; when ``rows`` rows are open and none has room, the micro batch closes. The short examples of the order
+    fill the gaps the long ones leave, and the order stays random across micro batches."""
+    batches: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        n = lengths[index]
+        slot = next((r for r, free in enumerate(room) if free >= n), None)
+        if slot is None and len(current) == rows:
+            batches.append(current)
+            current, room = [], []
+        if slot is None:
+            current.append([])
+            room.append(row_len)
+            slot = len(current) - 1
+        current[slot].append(index)
+        room[slot] -= n
+    if current:
+        batches.append(current)
+    return batches
 
 
 @dataclass
@@ -60,36 +128,58 @@ class Shard:
     """This rank's share of the held-out set (``eval_share``)."""
     rank: int
     world_size: int
+    _plans: dict[tuple[int, Batching], list[list[list[int]]]] = field(default_factory=dict, repr=False)
 
-    def batches_per_epoch(self, micro_batch_size: int) -> int:
-        per_rank = len(self.train) // self.world_size
-        return per_rank // micro_batch_size
+    def plan(self, epoch: int, batching: Batching) -> list[list[list[int]]]:
+        """This rank's micro batches of ``epoch``: rows of example indices. Deterministic, so a resumed run sees the
+        same micro batch at the same position. The same global shuffle on every rank; padded micro batches take a
+        strided split of it, packed ones are packed from the whole order and dealt out in turn: ranks never share an
+        example and, cut to whole rounds, every rank gets the same count.
 
-    def micro_batch(self, epoch: int, index: int, micro_batch_size: int, seed: int,
-                    group_by_length: bool = False) -> list:
-        """The same global shuffle on every rank, then a strided split, so ranks never share an example.
-
-        ``group_by_length``: each window of ``LENGTH_GROUP_WINDOW`` micro batches of that order is sorted by
-        length and cut into micro batches, which are then taken in a shuffled order: batches of similar lengths
+        ``group_by_length`` (padded only): each window of ``LENGTH_GROUP_WINDOW`` micro batches of that order is sorted
+        by length and cut into micro batches, which are then taken in a shuffled order: batches of similar lengths
         (little padding), while what a window holds, and the order of the windows, stay random.
         """
-        order = epoch_order(len(self.train), epoch, seed)[self.rank :: self.world_size]
-        order = order[: self.batches_per_epoch(micro_batch_size) * micro_batch_size]  # whole micro batches only
-        start = index * micro_batch_size
-        if not group_by_length:
-            return [self.train[i] for i in order[start : start + micro_batch_size]]
-        window_size = micro_batch_size * LENGTH_GROUP_WINDOW
-        window_start = start // window_size * window_size
-        window = sorted(order[window_start : window_start + window_size], key=lambda i: len(self.train[i].input_ids))
-        batches = [window[k : k + micro_batch_size] for k in range(0, len(window), micro_batch_size)]
-        random.Random(f"{seed}/{epoch}/{window_start}").shuffle(batches)
-        return [self.train[i] for i in batches[(start - window_start) // micro_batch_size]]
+        key = (epoch, batching)
+        if key in self._plans:
+            return self._plans[key]
+        order = epoch_order(len(self.train), epoch, batching.seed)
+        if batching.packed:
+            lengths = [len(e.input_ids) for e in self.train]
+            packed = pack_rows(order, lengths, batching.row_len, batching.rows)
+            plan = packed[: len(packed) // self.world_size * self.world_size][self.rank :: self.world_size]
+        else:
+            size = batching.micro_batch_size
+            order = order[self.rank :: self.world_size]
+            order = order[: len(self.train) // self.world_size // size * size]  # whole micro batches only
+            if batching.group_by_length:
+                order = self._grouped(order, size, f"{batching.seed}/{epoch}")
+            plan = [[[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+        self._plans = {key: plan}  # one epoch at a time: a plan of a large set is not small
+        return plan
 
-    def padding_fraction(self, micro_batch_size: int, seed: int, group_by_length: bool) -> float:
+    def _grouped(self, order: list[int], size: int, salt: str) -> list[int]:
+        window_size = size * LENGTH_GROUP_WINDOW
+        grouped = []
+        for start in range(0, len(order), window_size):
+            window = sorted(order[start : start + window_size], key=lambda i: len(self.train[i].input_ids))
+            batches = [window[k : k + size] for k in range(0, len(window), size)]
+            random.Random(f"{salt}/{start}").shuffle(batches)
+            grouped += [i for batch in batches for i in batch]
+        return grouped
+
+    def batches_per_epoch(self, batching: Batching, epoch: int = 0) -> int:
+        return len(self.plan(epoch, batching))
+
+    def micro_batch(self, epoch: int, index: int, batching: Batching) -> list[list]:
+        """Micro batch ``index`` of ``epoch`` on this rank: its rows of examples (one example a row when padded)."""
+        return [[self.train[i] for i in row] for row in self.plan(epoch, batching)[index]]
+
+    def padding_fraction(self, batching: Batching) -> float:
         """Share of the tokens in one epoch's micro batches that are padding (what the model processes for nothing)."""
         padded = real = 0
-        for index in range(self.batches_per_epoch(micro_batch_size)):
-            lengths = [len(e.input_ids) for e in self.micro_batch(0, index, micro_batch_size, seed, group_by_length)]
+        for rows in self.plan(0, batching):
+            lengths = [sum(len(self.train[i].input_ids) for i in row) for row in rows]
             padded += max(lengths) * len(lengths)
             real += sum(lengths)
         return 1 - real / padded if padded else 0.0
@@ -105,12 +195,15 @@ def eval_share(examples: list, max_eval_examples: int | None, rank: int, world_s
 
 
 def total_steps(shard: Shard, cfg: Training) -> int:
-    """``max_steps`` if set, else ``epochs`` passes: steps = batches_per_epoch * epochs / grad_accum."""
-    batches = shard.batches_per_epoch(cfg.micro_batch_size)
+    """``max_steps`` if set, else ``epochs`` passes: steps = batches_per_epoch * epochs / grad_accum (packed epochs
+    differ by a micro batch or so; the first one's count stands for all)."""
+    batches = shard.batches_per_epoch(Batching.of(cfg))
     if batches == 0:
+        what = (f"{cfg.batch_tokens} tokens" if cfg.batch_tokens else f"{cfg.micro_batch_size} examples")
+        knob = "train.batch_tokens" if cfg.batch_tokens else "train.micro_batch_size"
         raise ValueError(
-            f"{len(shard.train)} training examples cannot fill one micro batch of {cfg.micro_batch_size} "
-            f"on each of {shard.world_size} workers; lower train.micro_batch_size or add data"
+            f"{len(shard.train)} training examples cannot fill one micro batch of {what} "
+            f"on each of {shard.world_size} workers; lower {knob} or add data"
         )
     if cfg.max_steps is not None:
         return cfg.max_steps
@@ -133,33 +226,40 @@ def build_optimizer(model: nn.Module, cfg: Training, steps: int) -> tuple[torch.
 @torch.no_grad()
 def evaluate(
     model: nn.Module, examples: list[TokenizedExample] | list[LabelledExample], batch_size: int, pad_id: int,
-    device: torch.device,
+    device: torch.device, batching: Batching | None = None,
 ) -> dict[str, float]:
-    """Held-out metrics, summed across ranks if distributed.
+    """Held-out metrics, summed across ranks if distributed; ``batch_size`` examples a forward pass, or packed rows
+    as ``batching`` says (the same sums: packing keeps examples apart).
 
-    Causal LM: ``eval_loss`` (token-weighted mean over the assistant tokens) and ``eval_perplexity``.
+    Causal LM: ``eval_loss`` (token-weighted mean over the assistant tokens) and ``eval_perplexity``; the model's own
+    loss (fused on CUDA: the logits of a large packed batch are never materialised) times its target count.
     Sequence classification: ``eval_loss`` (mean cross-entropy per example) and ``eval_accuracy``.
     """
     classify = isinstance(examples[0], LabelledExample)
+    batching = batching if batching is not None and batching.packed else Batching(batch_size, seed=0)
+    order = list(range(len(examples)))
+    if batching.packed:
+        plan = pack_rows(order, [len(e.input_ids) for e in examples], batching.row_len, batching.rows)
+    else:
+        plan = [[[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    for rows in plan:
+        batch = {k: v.to(device) for k, v in batching.collate([[examples[i] for i in row] for row in rows],
+                                                              pad_id).items()}
         if classify:
-            targets = batch["labels"]
-            loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+            targets = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
             correct += (logits.argmax(-1) == targets).sum()
+            count += len(targets)
         else:
-            targets = batch["labels"][:, 1:]
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
-            )
-        loss_sum += loss.double()
-        count += (targets != -100).sum()
+            targets = (batch["labels"][:, 1:] != -100).sum()
+            loss_sum += model(**batch).loss.double() * targets
+            count += targets
     if dist.is_available() and dist.is_initialized():
         for total in (loss_sum, count, correct):
             dist.all_reduce(total)
@@ -216,41 +316,42 @@ def train(
     step broadcasts buffers), only ``evaluate``'s own all-reduce of its sums.
     """
     steps = total_steps(shard, cfg)
-    batches = shard.batches_per_epoch(cfg.micro_batch_size)
+    batching = Batching.of(cfg)
     peft_model = getattr(model, "module", model)
     if state.base_eval_loss is None:
         with base_model_view(peft_model):
-            base = {"step": 0} | evaluate(peft_model, shard.eval, cfg.micro_batch_size, pad_id, device)
+            base = {"step": 0} | evaluate(peft_model, shard.eval, cfg.micro_batch_size, pad_id, device, batching)
         state.base_eval_loss = base["eval_loss"]
         state.history.append(base)
         report(base, state, False)
     model.train()
     while state.step < steps:
         started = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)
         for micro_index in range(cfg.grad_accum):
-            if state.batch_in_epoch >= batches:
+            if state.batch_in_epoch >= shard.batches_per_epoch(batching, state.epoch):
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            micro = shard.micro_batch(state.epoch, state.batch_in_epoch, cfg.micro_batch_size, cfg.seed,
-                                      cfg.group_by_length)
+            micro = shard.micro_batch(state.epoch, state.batch_in_epoch, batching)
             state.batch_in_epoch += 1
-            batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
+            state.tokens += sum(len(e.input_ids) for row in micro for e in row)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batching.collate(micro, pad_id).items()}
             with gradient_sync(model, micro_index == cfg.grad_accum - 1):
                 loss = model(**batch).loss / cfg.grad_accum
                 loss.backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()  # read once a step: each .item() would wait for the GPU
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        train_loss = loss_sum.item()  # waits for the step to finish on the GPU: the time below is the step's
         state.step += 1
         state.train_seconds += time.perf_counter() - started
         progress(state.step)
 
-        metrics = {"step": state.step, "train_loss": loss_sum, "lr": scheduler.get_last_lr()[0]}
+        metrics = {"step": state.step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
         is_last = state.step == steps
         if state.step % cfg.eval_every == 0 or is_last:
-            metrics |= evaluate(peft_model, shard.eval, cfg.micro_batch_size, pad_id, device)
-        metrics["train_seconds"] = state.train_seconds
+            metrics |= evaluate(peft_model, shard.eval, cfg.micro_batch_size, pad_id, device, batching)
+        metrics |= {"train_seconds": state.train_seconds, "tokens_per_second": state.tokens / state.train_seconds}
         state.history.append(metrics)
         if "eval_loss" in metrics or state.step % cfg.checkpoint_every == 0:
             report(metrics, state, state.step % cfg.checkpoint_every == 0 or is_last)

@@ -96,6 +96,8 @@ class RunInfo(Record):
     hardware: Hardware
     compute_dtype: str
     kernels: str
+    batching: str = ""
+    """How micro batches were made (padded examples or packed rows) and the share of padding in them."""
     checks: list[Check]
     """The checks the worker ran while loading data and building the trainable model."""
     resumed_from_step: list[int]
@@ -117,6 +119,8 @@ class RunRecord(Record):
     total_params: int
     train_seconds: float
     wall_seconds: float
+    tokens_per_second: float = 0.0
+    """Real (non-padding) tokens trained on per second in optimizer steps, summed over the workers."""
     config: dict[str, Any]
     """The run's config without storage options (they may hold credentials, and run folders get shared)."""
     info: RunInfo

@@ -34,6 +34,7 @@ from lora.model import (
     weights_sha256,
 )
 from lora.train import (
+    Batching,
     Shard,
     TrainState,
     build_optimizer,
@@ -93,6 +94,7 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
 
     shard = Shard(train_examples, eval_share(eval_examples, cfg.train.max_eval_examples, rank, world_size), rank,
                   world_size)
+    batching = Batching.of(cfg.train)
     steps = total_steps(shard, cfg.train)
     optimizer, scheduler = build_optimizer(model, cfg.train, steps)
     state = TrainState()
@@ -126,6 +128,7 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
         },
         compute_dtype=str(backend.compute_dtype).removeprefix("torch."),
         kernels=kernels,
+        batching=f"{batching.describe()}; {shard.padding_fraction(batching):.1%} of the first epoch's tokens padding",
         checks=[data_check(data), trainable_check(cfg, trainable)],
         resumed_from_step=state.resumed_from_step,
     )

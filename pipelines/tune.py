@@ -66,9 +66,12 @@ def plan_schedule(cfg: Config, domain: Domain) -> Schedule:
 
 
 def _most_steps(cfg: Config, domain: Domain) -> int:
-    """``total_steps`` for an epochs-based run, counting raw examples (overlong ones are dropped only later)."""
+    """At most ``total_steps`` of an epochs-based run, counting raw examples (overlong ones are dropped only later);
+    a packed micro batch (``train.batch_tokens``) holds at least one example a row."""
     examples = check_file(domain.train, domain.storage_options, domain.labels)
-    batches = examples // cfg.cluster.workers_per_domain // cfg.train.micro_batch_size
+    t = cfg.train
+    per_micro_batch = t.batch_tokens // t.max_seq_len if t.batch_tokens else t.micro_batch_size
+    batches = examples // cfg.cluster.workers_per_domain // per_micro_batch
     return max(1, math.floor(batches * cfg.train.epochs / cfg.train.grad_accum))
 
 

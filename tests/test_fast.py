@@ -10,7 +10,7 @@ from lora.config import LoraSettings, ModelSource, Quantization, load_config
 from lora.data import TokenizedExample, load_examples
 from lora.fast import use_fused_kernels
 from lora.model import apply_lora, dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
-from lora.train import Shard
+from lora.train import Batching, Shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,16 +39,19 @@ def test_length_grouping_keeps_every_example_once_per_epoch_and_ranks_apart(worl
     for rank in range(world_size):
         shard = Shard(examples, [], rank, world_size)
         for group in (False, True):
-            seen = [e.input_ids[0] for i in range(shard.batches_per_epoch(4)) for e in shard.micro_batch(2, i, 4, 7, group)]
-            assert len(seen) == len(set(seen)) == shard.batches_per_epoch(4) * 4
+            batching = Batching(4, seed=7, group_by_length=group)
+            seen = [row[0].input_ids[0] for i in range(shard.batches_per_epoch(batching, 2))
+                    for row in shard.micro_batch(2, i, batching)]
+            assert len(seen) == len(set(seen)) == shard.batches_per_epoch(batching, 2) * 4
             if group:
                 assert set(seen) == set(plain_seen)  # the same examples as ungrouped, in another order
             plain_seen = seen
         seen_by_rank.append(set(seen))
     assert sum(len(s) for s in seen_by_rank) == len(set().union(*seen_by_rank))  # no example on two ranks
     # Deterministic: a resumed run sees the same micro batch at the same position.
-    assert Shard(examples, [], 0, world_size).micro_batch(2, 5, 4, 7, True) == Shard(
-        examples, [], 0, world_size).micro_batch(2, 5, 4, 7, True)
+    grouped = Batching(4, seed=7, group_by_length=True)
+    assert Shard(examples, [], 0, world_size).micro_batch(2, 5, grouped) == Shard(
+        examples, [], 0, world_size).micro_batch(2, 5, grouped)
 
 
 def test_length_grouping_pads_at_most_five_percent_of_the_bundled_domains():
@@ -58,7 +61,7 @@ def test_length_grouping_pads_at_most_five_percent_of_the_bundled_domains():
         examples, _ = load_examples(domain.train, {}, tokenizer, cfg.train.max_seq_len, cfg.train.overlong)
         shard = Shard(examples, [], 0, 1)
         for micro_batch_size in (4, 8):
-            grouped = shard.padding_fraction(micro_batch_size, cfg.train.seed, group_by_length=True)
-            plain = shard.padding_fraction(micro_batch_size, cfg.train.seed, group_by_length=False)
+            grouped = shard.padding_fraction(Batching(micro_batch_size, cfg.train.seed, group_by_length=True))
+            plain = shard.padding_fraction(Batching(micro_batch_size, cfg.train.seed, group_by_length=False))
             assert grouped <= 0.05, (domain.name, micro_batch_size, grouped)
             assert grouped < plain / 3, (domain.name, micro_batch_size, grouped, plain)

@@ -99,9 +99,11 @@ def test_missing_bitsandbytes_and_cuda_are_refused(monkeypatch):
         check_bitsandbytes()
 
 
-def test_resumed_training_equals_uninterrupted(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("batch_tokens", [None, 512], ids=["padded", "packed"])
+def test_resumed_training_equals_uninterrupted(tiny_model_dir, tmp_path, batch_tokens):
     """Checkpoint at step 2 of 4, resume into fresh objects: same adapter weights and history as one go."""
-    cfg = Training(max_steps=4, learning_rate=1e-2, micro_batch_size=4, eval_every=2, checkpoint_every=2)
+    cfg = Training(max_steps=4, learning_rate=1e-2, micro_batch_size=4, eval_every=2, checkpoint_every=2,
+                   max_seq_len=256, batch_tokens=batch_tokens)
     tokenizer = load_tokenizer(ModelSource(id=str(tiny_model_dir)), tiny_model_dir)
     examples, _ = load_examples(str(DATA / "legal/train.jsonl"), {}, tokenizer, 256, "drop")
     held_out, _ = load_examples(str(DATA / "legal/eval.jsonl"), {}, tokenizer, 256, "drop")
@@ -205,7 +207,9 @@ def test_ddp_all_reduces_once_per_optimizer_step(tiny_model_dir, tmp_path):
                                      allreduce_hook(group, bucket))
         state = train(model, optimizer, scheduler, shard, cfg, TrainState(), lambda *_: None,
                       pad_id=tokenizer.pad_token_id, device=backend.device)
-        return [{k: v for k, v in h.items() if k != "train_seconds"} for h in state.history], len(all_reduces)
+        timeless = [{k: v for k, v in h.items() if k not in ("train_seconds", "tokens_per_second")}
+                    for h in state.history]
+        return timeless, len(all_reduces)
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:

@@ -17,7 +17,9 @@ def invoke(*args):
 
 
 def test_two_worker_run_writes_a_loadable_adapter_and_learns(ray_cluster, tiny_config_file, tiny_model_dir):
-    config = tiny_config_file(domains=("legal", "support"), cluster={"workers_per_domain": 2})
+    # Packed micro batches (train.batch_tokens), dealt out to the two DDP ranks.
+    config = tiny_config_file(domains=("legal", "support"), cluster={"workers_per_domain": 2},
+                              train={"batch_tokens": 512})
     result = invoke("train", config)
     assert result.exit_code == 0, result.output
     assert "loramill train" in result.output
@@ -38,6 +40,8 @@ def test_two_worker_run_writes_a_loadable_adapter_and_learns(ray_cluster, tiny_c
         info = read_json(run_dir / "run_info.json")
         assert info["hardware"]["workers"] == 2
         assert facts["steps"] == 4 and facts["eval_loss"] < facts["base_eval_loss"]
+        assert facts["tokens_per_second"] > 0
+        assert info["batching"].startswith("packed: 1 row(s) of 512 tokens")
         assert info["data"]["train"]["examples_kept"] == 32 and len(info["data"]["train"]["sha256"]) == 64
         history = read_json(run_dir / "history.json")
         assert [h["step"] for h in history if "eval_loss" in h] == [0, 2, 4]

@@ -1,0 +1,126 @@
+"""Token-budget micro batches packed padding-free (``train.batch_tokens``): the packed forward keeps examples apart,
+so each example's loss, a step's gradients and the held-out metrics are those of padded batches of the same examples;
+the epoch plan gives every example once, ranks apart, and the same plan to a resumed run."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lora.config import ConfigError, ModelSource, Training, load_config
+from lora.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed, epoch_order, load_examples
+from lora.model import load_tokenizer, resolve_model_dir
+from lora.train import Batching, Shard, evaluate, pack_rows
+from tests.conftest import DATA
+from tests.test_model import load
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def legal(tiny_model_dir) -> tuple[list[TokenizedExample], int]:
+    tokenizer = load_tokenizer(ModelSource(id=str(tiny_model_dir)), tiny_model_dir)
+    examples, _ = load_examples(str(DATA / "legal/train.jsonl"), {}, tokenizer, 256, "drop")
+    return examples, tokenizer.pad_token_id
+
+
+def _token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of every position's next-token target (0 where there is none), shape (rows, width - 1)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    return nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def test_each_example_in_a_packed_row_scores_as_it_does_alone(tiny_model_dir, legal):
+    examples, pad_id = legal
+    model, _ = load(tiny_model_dir, mode="none")
+    model.eval()
+    rows = [examples[0:3], examples[3:5]]  # several examples a row, rows of different lengths (padded tail)
+    assert all(sum(len(e.input_ids) for e in row) < 600 for row in rows)
+    with torch.no_grad():
+        packed = _token_losses(model, collate_packed(rows, pad_id))
+        for r, row in enumerate(rows):
+            start = 0
+            for example in row:
+                n = len(example.input_ids)
+                alone = _token_losses(model, collate([example], pad_id))[0]
+                # Position t predicts token t + 1: the example's own targets are positions start .. start + n - 2.
+                torch.testing.assert_close(packed[r, start : start + n - 1], alone, rtol=1e-4, atol=1e-5)
+                start += n
+                # From an example's last token to the next example's first (or the padding): no target.
+                assert torch.count_nonzero(packed[r, start - 1 :][:1]) == 0
+
+
+def test_a_packed_step_has_the_gradients_of_the_padded_step(tiny_model_dir, legal):
+    examples, pad_id = legal
+    micro_batch = examples[:6]
+
+    def step(batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model, _ = load(tiny_model_dir, mode="none")
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero, which leaves A without gradient: compare both
+                nn.init.normal_(p, std=0.02)
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    padded_loss, padded = step(collate(micro_batch, pad_id))
+    packed_loss, packed = step(collate_packed([micro_batch[:4], micro_batch[4:]], pad_id))
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert padded and padded.keys() == packed.keys()
+    assert all(g.abs().sum() > 0 for g in padded.values())
+    for name in padded:
+        torch.testing.assert_close(packed[name], padded[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_evaluation_equals_padded_evaluation(tiny_model_dir, legal):
+    examples, pad_id = legal
+    model, backend = load(tiny_model_dir, mode="none")
+    padded = evaluate(model, examples[:12], 4, pad_id, backend.device)
+    packed = evaluate(model, examples[:12], 4, pad_id, backend.device, Batching(4, 0, row_len=512, rows=2))
+    assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_the_packed_plan_gives_each_example_once_ranks_apart_within_the_budget(world_size):
+    lengths = [int(n) for n in torch.randint(10, 400, (203,), generator=torch.Generator().manual_seed(1))]
+    examples = [TokenizedExample([i] * n, [i] * n) for i, n in enumerate(lengths)]
+    batching = Batching(4, seed=7, row_len=512, rows=3)
+    plans = [Shard(examples, [], rank, world_size).plan(2, batching) for rank in range(world_size)]
+    assert len({len(plan) for plan in plans}) == 1  # every rank takes the same number of micro batches
+    seen = [i for plan in plans for rows in plan for row in rows for i in row]
+    assert len(seen) == len(set(seen))  # no example twice, on any rank
+    everything = pack_rows(epoch_order(203, 2, 7), lengths, 512, 3)
+    whole_rounds = everything[: len(everything) // world_size * world_size]
+    assert sorted(seen) == sorted(i for rows in whole_rounds for row in rows for i in row)
+    for plan in plans:
+        for rows in plan:
+            assert 1 <= len(rows) <= 3
+            assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    # Deterministic per epoch (a resumed run sees the same micro batch), another order the next epoch.
+    assert Shard(examples, [], 0, world_size).plan(2, batching) == plans[0]
+    assert Shard(examples, [], 0, world_size).plan(3, batching) != plans[0]
+
+
+def test_packing_the_bundled_domains_leaves_little_padding():
+    cfg = load_config(REPO / "configs" / "default.yaml", [])
+    tokenizer = load_tokenizer(cfg.model, resolve_model_dir(cfg.model))
+    for domain in cfg.domains:
+        examples, _ = load_examples(domain.train, {}, tokenizer, cfg.train.max_seq_len, cfg.train.overlong)
+        shard = Shard(examples, [], 0, 1)
+        for batch_tokens in (8192, 32768):
+            batching = Batching.of(cfg.train.model_copy(update={"batch_tokens": batch_tokens}))
+            assert batching.row_len == 2048
+            packed = shard.padding_fraction(batching)
+            assert packed <= 0.05, (domain.name, batch_tokens, packed)
+
+
+def test_a_budget_below_one_row_and_packing_a_classifier_are_config_errors(tiny_config_file):
+    with pytest.raises(ValueError, match="batch_tokens .* must be at least max_seq_len"):
+        Training(batch_tokens=128, max_seq_len=256)
+    with pytest.raises(ConfigError, match="train.batch_tokens: packing is for causal LMs"):
+        load_config(tiny_config_file(train={"batch_tokens": 1024}), ["task=sequence_classification"])
