@@ -6,7 +6,7 @@ import functools
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import TYPE_CHECKING, Annotated, Callable
 
 import typer
 import yaml
@@ -19,7 +19,10 @@ from lora.config import ConfigError, load_config
 from lora.errors import BackendError, DataError
 from lora.redact import mask_storage_options
 from pipelines.errors import TrainingFailed
-from pipelines.registry_access import open_registry
+from pipelines.registry_access import check_registry, open_registry
+
+if TYPE_CHECKING:
+    from pipelines.publish import Outcome
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Logs and CI are not terminals: rich would wrap tables at 80 columns there.
@@ -56,6 +59,7 @@ def exits_2_on_bad_input(command: Callable) -> Callable:
 def validate(config: ConfigArg, overrides: Overrides = None) -> None:
     """Print the resolved config, or list every error with its dotted path (exit 2)."""
     cfg = load_config(config, overrides or [])
+    check_registry(cfg)
     # This output lands in terminals and CI logs: storage_options may hold credentials.
     typer.echo(yaml.safe_dump(mask_storage_options(cfg.model_dump()), sort_keys=False), nl=False)
 
@@ -136,16 +140,34 @@ def publish(
     domain: Annotated[str, typer.Option("--domain", "-d", help="Domain to publish")],
     run_dir: Annotated[Path, typer.Option("--from", help="Run folder printed by `loramill train`")],
     force: Annotated[bool, typer.Option(help="Promote past a failing gate (recorded as forced)")] = False,
+    force_new_version: Annotated[bool, typer.Option(
+        "--force-new-version", help="Publish a new version even if this run was published before (same run, "
+        "adapter bytes, config and data); without it, that version is returned")] = False,
 ) -> None:
     """Publish a finished run as the next immutable version, with its audit; apply the promotion gate."""
     from pipelines import publish as publish_stage
 
     cfg = load_config(config)
-    outcome = publish_stage.run(cfg, domain, run_dir.resolve(), force=force)
-    console.print(f"published [bold]{outcome.published.domain} v{outcome.published.version}[/] → "
-                  f"{outcome.published.url}")
+    outcome = publish_stage.run(cfg, domain, run_dir.resolve(), force=force, new_version=force_new_version)
+    published = outcome.published
+    if outcome.already_published:
+        console.print(f"already published: [bold]{published.domain} v{published.version}[/] → {published.url}")
+        console.print("this run (its adapter bytes, config and data) was published before, so nothing new was "
+                      "written; --force-new-version publishes it as a new version")
+    else:
+        console.print(f"published [bold]{published.domain} v{published.version}[/] → {published.url}")
     console.print(f"gate ({outcome.gate.alias}): {outcome.gate.decision} — {outcome.gate.reason}",
                   markup=False)
+    warn_after_commit([outcome])
+
+
+def warn_after_commit(outcomes: list[Outcome]) -> None:
+    """One stderr line per step a published version missed after its commit point (``publish.Outcome.warnings``):
+    the version exists, so the command still succeeds."""
+    for outcome in outcomes:
+        for warning in outcome.warnings:
+            errors.print(f"warning: published {outcome.published.domain} v{outcome.published.version}; {warning}",
+                         markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command(name="list")
@@ -346,9 +368,11 @@ def run_command(
     for column in ("domain", "version", "eval loss", "gate", "where"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r.training.domain, f"v{r.outcome.published.version}", f"{r.training.eval_loss:.4f}",
+        version = f"v{r.outcome.published.version}" + (" (already published)" if r.outcome.already_published else "")
+        table.add_row(r.training.domain, version, f"{r.training.eval_loss:.4f}",
                       f"{r.outcome.gate.decision}: {r.outcome.gate.reason}", r.outcome.published.url)
     console.print(table)
+    warn_after_commit([r.outcome for r in rows])
 
 
 @app.command()
@@ -398,7 +422,10 @@ def schedule(
     lock_ttl: Annotated[float, typer.Option(
         "--lock-ttl", min=1, help="Seconds a domain's retrain lock lasts; set above your longest run")] = 6 * 3600.0,
 ) -> None:
-    """Retrain domains whose data changed, at their cron times (UTC), inside their latest version's envelope."""
+    """Retrain domains whose data changed, at their cron times (UTC), inside their latest version's envelope.
+
+    Each tick ends with one line per domain: skipped (why), published vN, or failed: why. With --once the exit
+    status is 1 if any domain failed, 2 if the tick was refused as a whole (config, registry), else 0."""
     import signal
     from datetime import UTC, datetime
 
@@ -411,9 +438,11 @@ def schedule(
         raise typer.BadParameter("--force applies to one tick: add --once")
     cfg = load_config(config, overrides or [])
     if once:
-        for decision in schedule_stage.tick(cfg, domain, force=force, lock_ttl_s=lock_ttl, echo=echo):
-            if decision.published is not None:
-                echo(f"{decision.domain}: published v{decision.published}")
+        decisions = schedule_stage.tick(cfg, domain, force=force, lock_ttl_s=lock_ttl, echo=echo)
+        for decision in decisions:
+            echo(decision.summary())
+        if any(decision.failed is not None for decision in decisions):
+            raise typer.Exit(1)
         return
 
     def stop(signum: int, frame: object) -> None:

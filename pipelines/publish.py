@@ -1,8 +1,14 @@
 """Publish stage: a finished run -> a new immutable registry version with its audit, then the promotion gate.
 
-``run`` reads: run record -> parent version (its manifest) -> ΔW and samples -> gate decision (on one eval set) ->
-the audit record and its renderings -> publish with typed manifest metadata -> promote. The gate is decided before
-publishing so that the immutable audit records the decision and its numbers.
+``run`` reads: run record -> the version this very run was already published as, if any -> parent version (its
+manifest) -> ΔW and samples -> gate decision (on one eval set) -> the audit record and its renderings -> publish with
+typed manifest metadata -> promote. The gate is decided before publishing so that the immutable audit records the
+decision and its numbers.
+
+Exactly once, as the user sees it: the version exists from its manifest on, so what fails after that point (the
+re-verification, moving ``latest``, the promotion) is a warning on a published version, never a failed publish. A
+retry of the same publish finds the version by the run's fingerprint and finishes those steps instead of publishing
+the run a second time.
 """
 
 from __future__ import annotations
@@ -13,17 +19,18 @@ import json
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from infra.registry import ConflictError, Manifest, PublishedVersion, Registry, RegistryError
+from infra.registry import ConflictError, IntegrityError, Manifest, PublishedVersion, Registry, RegistryError
 from lora.config import Config, ConfigError, Domain, is_local_path
 from lora.data import read_jsonl, to_labelled_text, to_messages
 from lora.diff import adapter_deltas
 from lora.errors import DataError
+from lora.files import file_sha256
 from lora.redact import drop_storage_options, redact_url
 from lora.train import HISTORY_FILE
 from pipelines import audit as audit_docs
@@ -47,27 +54,56 @@ from pipelines.records import (
 from pipelines.registry_access import open_registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
 class Outcome:
     published: PublishedVersion
     gate: GateDecision
+    already_published: bool = False
+    """The run was published before (same ``RunFingerprint``): ``published`` is that version; nothing new was
+    written."""
+    warnings: list[str] = field(default_factory=list)
+    """What did not happen after the commit point, each with its fix; the version exists all the same."""
 
 
-def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False,
-        search: SearchRecord | None = None) -> Outcome:
-    """Publish the run in ``run_dir`` as the next version of the domain and apply the gate."""
+@dataclass(frozen=True)
+class RunFingerprint:
+    """What makes two publishes the same run: the run's name (its config and data, and the start time of a forced
+    fresh run, so a forced retraining is a new version even when its weights come out bit-identical), the adapter's
+    bytes, the published config and the data bytes."""
+
+    run_name: str
+    adapter_sha256: tuple[str, ...]
+    """Of ``ADAPTER_FILES``, in that order."""
+    config_sha256: str
+    data_sha256: tuple[str, ...]
+    """Of ``SPLITS``, in that order."""
+
+
+def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False, search: SearchRecord | None = None,
+        new_version: bool = False) -> Outcome:
+    """Publish the run in ``run_dir`` as the next version of the domain and apply the gate.
+
+    A run already published (same ``RunFingerprint``) is not published again: its version is returned, with the
+    steps after its commit point finished (verify, move ``latest``, the promotion its gate decided), unless
+    ``new_version``.
+    """
     check_publishable(cfg)
     domain = cfg.domain(domain_name)
     record, history = read_run(run_dir)
     registry = open_registry(cfg)
-    parent = latest_parent(registry, domain.name)
     public_config = public_view(cfg, domain)
+    if not new_version:
+        earlier = published_as(registry, domain.name, fingerprint_of_run(record, run_dir, public_config))
+        if earlier is not None:
+            return settle_again(registry, earlier, force)
+    parent = latest_parent(registry, domain.name)
     eval_set = eval_set_fingerprint(record.info.data["eval"].sha256, cfg.train)
     with tempfile.TemporaryDirectory(prefix="loramill-publish-") as staging_dir:
         staging = Path(staging_dir)
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
+        for name in ADAPTER_FILES:
             shutil.copy2(run_dir / "adapter" / name, staging / name)
         adapter_config = json.loads((staging / "adapter_config.json").read_text())
         deltas = adapter_deltas(staging)
@@ -94,16 +130,100 @@ def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False,
         # the audit says which version it was prepared as. Rare; say so rather than hide it.
         gate_decision = gate_decision.model_copy(update={"reason": f"{gate_decision.reason} (documents were "
                                                          f"prepared as v{version}; published as v{published.version})"})
-    if gate_decision.decision in ("promoted", "forced"):
+    return finish(registry, published, gate_decision)
+
+
+def finish(registry: Registry, published: PublishedVersion, gate_decision: GateDecision, *,
+           already_published: bool = False) -> Outcome:
+    """After the commit point: move the gate alias as ``gate_decision`` says, and turn what could not be done
+    into warnings with their fix; raises nothing the store does (the version exists)."""
+    where = f"{published.domain} v{published.version}"
+    warnings = []
+    if published.unverified is not None:
+        warnings.append(f"could not re-verify: {published.unverified}. The version exists; publish the same run "
+                        f"again once the store answers: it returns {where} and finishes verifying it and moving "
+                        "`latest`")
+    promote = gate_decision.decision in ("promoted", "forced")
+    if promote and not (already_published and moved_there(registry, published, gate_decision)):
+        forced = " --force" if gate_decision.decision == "forced" else ""
+        retry = f"re-run `loramill promote {published.domain} v{published.version}{forced}`"
         try:
-            registry.promote(domain.name, published.version, cfg.publish.gate_alias,
+            registry.promote(published.domain, published.version, gate_decision.alias,
                              expected=gate_decision.current_version,
                              record={"gate": gate_decision.model_dump(mode="json"), "by": "loramill publish"})
         except ConflictError:
             gate_decision = gate_decision.model_copy(update={
-                "decision": "not promoted", "reason": f"{cfg.publish.gate_alias} moved while publishing; re-run "
-                f"`loramill promote {domain.name} v{published.version}`"})
-    return Outcome(published, gate_decision)
+                "decision": "not promoted", "reason": f"{gate_decision.alias} moved while publishing; {retry}"})
+        except RegistryError as error:
+            gate_decision = gate_decision.model_copy(update={
+                "decision": "not promoted", "reason": f"the gate passed ({gate_decision.reason}) but "
+                f"{gate_decision.alias} could not be moved; {retry} or publish the same run again"})
+            warnings.append(f"could not move {gate_decision.alias}: {error}")
+    return Outcome(published, gate_decision, already_published, warnings)
+
+
+def moved_there(registry: Registry, published: PublishedVersion, gate_decision: GateDecision) -> bool:
+    """True if the gate alias was ever moved to this version (by the publish now retried, or since): its history
+    answers. An alias that cannot be read is taken as not moved; the promotion then says why."""
+    try:
+        state = registry.alias(published.domain, gate_decision.alias)
+    except RegistryError:
+        return False
+    return state is not None and any(entry.get("to") == published.version for entry in state.history)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same run, published once
+# ---------------------------------------------------------------------------------------------
+
+
+def fingerprint_of_run(record: RunRecord, run_dir: Path, public_config: dict[str, Any]) -> RunFingerprint:
+    return RunFingerprint(
+        run_name=record.run_name,
+        adapter_sha256=tuple(file_sha256(run_dir / "adapter" / name) for name in ADAPTER_FILES),
+        config_sha256=config_sha256(public_config),
+        data_sha256=tuple(record.info.data[split].sha256 for split in SPLITS),
+    )
+
+
+def fingerprint_of_version(manifest: Manifest) -> RunFingerprint | None:
+    """The fingerprint of the run a version was published from; None for one without loramill's metadata."""
+    try:
+        metadata = ManifestMetadata.of(manifest)
+    except RegistryError:
+        return None
+    if not all(name in manifest.files for name in ADAPTER_FILES):
+        return None
+    return RunFingerprint(
+        run_name=metadata.run_name,
+        adapter_sha256=tuple(manifest.files[name].sha256 for name in ADAPTER_FILES),
+        config_sha256=metadata.config_sha256,
+        data_sha256=tuple(metadata.data[split].sha256 for split in SPLITS),
+    )
+
+
+def published_as(registry: Registry, domain: str, fingerprint: RunFingerprint) -> Manifest | None:
+    """The manifest of the newest version published from the run ``fingerprint`` describes, or None. A version
+    whose manifest is malformed is not that run (``loramill pull`` and ``verify`` report it)."""
+    for version in reversed(registry.versions(domain)):
+        try:
+            manifest = registry.manifest(domain, version)
+        except IntegrityError:
+            continue
+        if fingerprint_of_version(manifest) == fingerprint:
+            return manifest
+    return None
+
+
+def settle_again(registry: Registry, manifest: Manifest, force: bool) -> Outcome:
+    """A run published before: its version, with what an interrupted first publish left undone finished. Its gate
+    was decided then and is in its audit; ``force`` does not decide it again."""
+    decided = ManifestMetadata.of(manifest).gate
+    override = f"; `loramill promote {manifest.domain} v{manifest.version} --force` overrides it" \
+        if force and decided.decision == "not promoted" else ""
+    gate_decision = decided.model_copy(update={
+        "reason": f"{decided.reason} (decided when v{manifest.version} was published{override})"})
+    return finish(registry, registry.settle(manifest), gate_decision, already_published=True)
 
 
 def check_publishable(cfg: Config) -> None:
@@ -325,7 +445,7 @@ def manifest_metadata(cfg: Config, record: RunRecord, audit: AuditRecord) -> Man
         base_model=record.info.base_model,
         quant=cfg.quant.model_dump(),
         config=audit.config,
-        config_sha256=hashlib.sha256(json.dumps(audit.config, sort_keys=True).encode()).hexdigest(),
+        config_sha256=config_sha256(audit.config),
         data={split: DataFingerprint(url=audit.data[split].url, sha256=audit.data[split].sha256) for split in SPLITS},
         metrics=Metrics(eval_loss=record.eval_loss, base_eval_loss=record.base_eval_loss, steps=record.steps,
                         eval_set=validation.eval_set, eval_examples=validation.eval_examples,
@@ -337,6 +457,11 @@ def manifest_metadata(cfg: Config, record: RunRecord, audit: AuditRecord) -> Man
         loramill_version=importlib.metadata.version("loramill"),
         git_commit=_git_commit(),
     )
+
+
+def config_sha256(public_config: dict[str, Any]) -> str:
+    """The published config's fingerprint, as the manifest records it."""
+    return hashlib.sha256(json.dumps(public_config, sort_keys=True).encode()).hexdigest()
 
 
 def _git_commit() -> str | None:

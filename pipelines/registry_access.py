@@ -1,11 +1,12 @@
-"""Opening the configured registry. Light (no torch, Ray or matplotlib): `loramill list`, `pull`, `promote` and
-`gc` need only this and the registry."""
+"""Opening the configured registry. Light (no torch, Ray or matplotlib): `loramill validate`, `list`, `pull`,
+`promote` and `gc` need only this and the registry."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from infra.registry import Registry
+from infra.registry.rules import check_location
 from infra.store import store_up
 from lora.config import Config
 
@@ -16,3 +17,10 @@ def open_registry(cfg: Config) -> Registry:
         info = store_up(Path(cfg.publish.store_dir))
         return Registry(f"s3://{info.bucket}/adapters", info.storage_options())
     return Registry(cfg.publish.registry, cfg.publish.storage_options or None)
+
+
+def check_registry(cfg: Config) -> None:
+    """Refuse, with ``open_registry``'s own ``RegistryError``, a registry location every command would refuse;
+    contacts nothing and starts nothing (``embedded`` is always a valid location)."""
+    if cfg.publish.registry != "embedded":
+        check_location(cfg.publish.registry, cfg.publish.storage_options)

@@ -3,9 +3,13 @@
 A tick, per domain: fingerprint the data (sha256 of the train and eval files, as the train stage records them) →
 compare with the latest published version's manifest → check the config against the retraining envelope that
 version's manifest declares → take the domain's ``retrain`` lock → look again (a concurrent tick may have just
-published) → ``loramill run`` the domains still due, together. ``tick`` is one pass over every domain (or those
-named), for system cron or a Kubernetes CronJob, which hold the schedule; ``loop`` runs ticks at each domain's own
-``schedule`` (cron, read in UTC).
+published) → train the domains still due, together, and publish each as ``loramill run`` does. ``tick`` is one pass
+over every domain (or those named), for system cron or a Kubernetes CronJob, which hold the schedule; ``loop`` runs
+ticks at each domain's own ``schedule`` (cron, read in UTC).
+
+A domain whose data is refused, or whose training or publish fails, is reported as failed and the others go on:
+each domain's outcome is one line (``Decision.summary``), and ``loramill schedule --once`` exits non-zero if any
+failed, for cron's or Kubernetes' alerting.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from croniter import croniter
@@ -23,7 +27,7 @@ from infra.store import StoreError
 from lora.config import Config, ConfigError, Domain
 from lora.errors import BackendError, DataError
 from lora.model import logical_model_id
-from pipelines import run as run_stage
+from pipelines import publish, train
 from pipelines.errors import TrainingFailed
 from pipelines.registry_access import open_registry
 from pipelines.records import SPLITS, ManifestMetadata, RetrainingEnvelope
@@ -33,6 +37,9 @@ from pipelines.train import select_domains
 LOCK_NAME = "retrain"
 MAX_SLEEP_S = 60.0
 """Sleep in short pieces and re-read the clock, so a suspended or re-set machine does not oversleep a due time."""
+FAILURES = (ConfigError, DataError, BackendError, RegistryError, StoreError, TrainingFailed)
+"""What fails a domain's retraining (or a whole tick) with a message that names the problem; anything else is a
+bug and propagates."""
 
 
 @dataclass
@@ -43,7 +50,21 @@ class Decision:
     retrain: bool
     reason: str
     published: int | None = None
-    """The version this tick published."""
+    """The version this tick published, or found this very run already published as (``already_published``)."""
+    already_published: bool = False
+    warnings: list[str] = field(default_factory=list)
+    """What the publish could not do after its commit point (``publish.Outcome.warnings``)."""
+    failed: str | None = None
+    """Why the domain's data, training or publish failed, in one line."""
+
+    def summary(self) -> str:
+        """The domain's outcome in one line, for logs and alerts: skipped (why), published vN, or failed: why."""
+        if self.failed is not None:
+            return f"{self.domain}: failed: {self.failed}"
+        if self.published is None:
+            return f"{self.domain}: skipped ({self.reason})"
+        before = " (this run was published before; nothing new was written)" if self.already_published else ""
+        return f"{self.domain}: published v{self.published}{before}" + "".join(f"; {w}" for w in self.warnings)
 
 
 def tick(
@@ -58,13 +79,20 @@ def tick(
 
     ``lock_ttl_s`` must exceed a retraining run: a tick that dies holding a domain's lock blocks the domain until
     the lock expires, and a run that outlasts its lock can be joined by a second one. A domain whose lock another
-    tick holds is skipped. Raises ``ConfigError`` before training anything if a domain due for retraining is
-    configured outside its latest version's retraining envelope.
+    tick holds is skipped; one whose data is refused, or whose training or publish fails, is returned as failed.
+    Raises ``ConfigError`` before training anything if a domain due for retraining is configured outside its latest
+    version's retraining envelope, or the config cannot be published.
     """
+    publish.check_publishable(cfg)
     domains = select_domains(cfg, domain_names)
     registry = open_registry(cfg)
-    fingerprints = {d.name: data_fingerprint(d) for d in domains}
-    decisions = {d.name: decide(registry, d.name, fingerprints[d.name], force) for d in domains}
+    fingerprints, refused = {}, {}
+    for domain in domains:
+        try:
+            fingerprints[domain.name] = data_fingerprint(domain)
+        except DataError as error:
+            refused[domain.name] = Decision(domain.name, False, "its data was refused", failed=one_line(error))
+    decisions = {name: decide(registry, name, data, force) for name, data in fingerprints.items()}
     refuse_outside_envelope(cfg, registry, [d for d in decisions.values() if d.retrain])
     with contextlib.ExitStack() as locks:
         final = {}
@@ -72,12 +100,37 @@ def tick(
             final[name] = claim(locks, registry, decision, fingerprints[name], force, lock_ttl_s) \
                 if decision.retrain else decision
             echo(f"{name}: {'retrain' if final[name].retrain else 'skip'} — {final[name].reason}")
-        due = [name for name, decision in final.items() if decision.retrain]
-        if due:
-            # Forced with unchanged data, the run's identity is that of the published one: start it afresh.
-            for outcome in run_stage.run(cfg, due, fresh=force):
-                final[outcome.training.domain].published = outcome.outcome.published.version
-    return list(final.values())
+        retrain([decision for decision in final.values() if decision.retrain], cfg, force)
+    return [refused.get(d.name) or final[d.name] for d in domains]
+
+
+def retrain(due: list[Decision], cfg: Config, force: bool) -> None:
+    """Train the due domains together, then publish each; record in each decision what it came to."""
+    if not due:
+        return
+    try:
+        # Forced with unchanged data, the run's identity is that of the published one: start it afresh.
+        runs = train.run(cfg, [decision.domain for decision in due], fresh=force)
+    except FAILURES as error:  # the domains train together: one that fails for good stops the others
+        for decision in due:
+            decision.failed = one_line(error)
+        return
+    by_domain = {decision.domain: decision for decision in due}
+    for finished in runs:
+        decision = by_domain[finished.domain]
+        try:
+            outcome = publish.run(cfg, finished.domain, finished.output_dir)
+        except FAILURES as error:
+            decision.failed = one_line(error)
+            continue
+        decision.published = outcome.published.version
+        decision.already_published = outcome.already_published
+        decision.warnings = outcome.warnings
+
+
+def one_line(error: Exception) -> str:
+    """An error's message on one line (a config error lists its problems on several)."""
+    return " ".join(str(error).split())
 
 
 def claim(locks: contextlib.ExitStack, registry: Registry, decision: Decision, data: dict[str, str], force: bool,
@@ -107,8 +160,9 @@ def loop(cfg: Config, domain_names: list[str] | None = None, *, lock_ttl_s: floa
         while (left := (due_at - datetime.now(UTC)).total_seconds()) > 0:
             time.sleep(min(left, MAX_SLEEP_S))
         try:
-            tick(cfg, names, lock_ttl_s=lock_ttl_s, echo=echo)
-        except (ConfigError, DataError, BackendError, RegistryError, StoreError, TrainingFailed) as error:
+            for decision in tick(cfg, names, lock_ttl_s=lock_ttl_s, echo=echo):
+                echo(decision.summary())
+        except FAILURES as error:
             # A refused or failed tick is reported and comes round again at the next due time.
             echo(f"tick failed for {', '.join(names)}: {error}")
 

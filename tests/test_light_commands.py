@@ -144,3 +144,19 @@ def test_store_commands_and_the_embedded_registry_are_light(tmp_path: Path, s3_s
     assert code == 0, output
     assert "store was not running" in output
     assert_light(modules)
+
+
+@pytest.mark.parametrize("publish", [
+    {"registry": "file:///tmp/reg/../../etc"},
+    {"registry": "s3://Bad_Bucket/adapters"},
+    {"registry": "http://127.0.0.1:9/adapters"},
+    {"registry": "file:///tmp/reg", "storage_options": {"endpoint_url": "http://127.0.0.1:1"}},
+], ids=["file-dotdot", "bad-bucket", "unsupported-scheme", "options-on-a-file-registry"])
+def test_validate_refuses_a_registry_every_other_command_refuses_with_the_same_message(tmp_path: Path,
+                                                                                      publish: dict) -> None:
+    config = write_config(tmp_path, publish)
+    code, output, modules = loramill(tmp_path, "validate", str(config))
+    listed_code, listed = loramill(tmp_path, "list", "--config", str(config))[:2]
+    assert code == listed_code == 2, (output, listed)
+    assert output.startswith("error: ") and output == listed
+    assert_light(modules)

@@ -297,6 +297,30 @@ def test_schedule_once_retrains_on_new_data_only_inside_the_envelope_and_never_t
     assert v3.data == v2.data and v3.run_name != v2.run_name and _trained_every_step(config, v3.run_name, steps=2)
 
 
+def test_schedule_once_reports_each_domain_on_one_line_and_fails_when_one_fails(tmp_path, small_data):
+    """A tick over a domain another tick holds (skipped) and one with malformed data (failed): each gets its line,
+    the exit status says a domain failed, and nothing trains."""
+    (small_data / "legal/train.jsonl").write_text('{"messages": [}\n')
+    registry = Registry(f"file://{tmp_path / 'registry'}")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "publish": {"registry": registry.url},
+        "domains": [{"name": name, "train": str(small_data / name / "train.jsonl"),
+                     "eval": str(small_data / name / "eval.jsonl"), "intended_use": "tests", "limitations": "none"}
+                    for name in ("medical", "legal")],
+    }))
+
+    with registry.lock("medical", schedule.LOCK_NAME, ttl_s=300):
+        tick = runner.invoke(app, ["schedule", str(config), "--once"])
+
+    assert tick.exit_code == 1, tick.output
+    summary = [line.split(" ", 2)[2] for line in tick.output.splitlines()[-2:]]  # after the UTC time stamp
+    assert summary[0].startswith("medical: skipped (another tick is at it: lock 'retrain' of medical is held")
+    assert summary[1] == f"legal: failed: {small_data}/legal/train.jsonl:1: malformed JSON (Expecting value at " \
+        "column 15)"
+    assert "Traceback" not in tick.output and registry.versions("medical") == registry.versions("legal") == []
+
+
 def _trained_every_step(config: Path, run_name: str, steps: int) -> bool:
     """The run trained ``steps`` steps itself: it resumed from no checkpoint (a finished run resumed trains none)."""
     record = RunRecord.load(config.parent / "output" / "medical" / run_name)

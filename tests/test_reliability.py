@@ -4,6 +4,8 @@
   run ends;
 - the object store SIGKILLed mid-publish: no half version ever becomes visible, publish retries and completes once
   the server is back (or fails with a RegistryError), and gc leaves nothing of the incomplete upload;
+- the store failing after a publish's commit point: the version exists and the publish says so (exit 0, a warning);
+  publishing the same run again returns that version and finishes what was left, `--force-new-version` makes another;
 - credentials: none reaches the CLI output, Ray's logs, an exception, or any byte on the store;
 - resources: data files are streamed (flat memory), and a worker larger than every node is refused up front.
 
@@ -222,9 +224,11 @@ def _uploads(fs, bucket: str, prefix: str) -> list[str]:
     return sorted(upload["Key"] for upload in answer.get("Uploads", []))
 
 
-def _kill_mid_upload(info: StoreInfo, prefix: str, restart_after_s: float | None, root: Path) -> dict:
-    """Start a thread that SIGKILLs the server while `<prefix>/medical/v1/adapter_model.safetensors` uploads, and
-    restarts it on the same data folder `restart_after_s` later (None: leaves it down)."""
+def _kill_mid_upload(info: StoreInfo, prefix: str, restart_after_s: float | None, root: Path, *,
+                     after_commit: bool = False) -> dict:
+    """Start a thread that SIGKILLs the server while `<prefix>/medical/v1/adapter_model.safetensors` uploads (or,
+    `after_commit`, once v1's manifest is written: while publish re-hashes the weights on the server), and restarts
+    it on the same data folder `restart_after_s` later (None: leaves it down)."""
     import boto3
 
     client = boto3.client("s3", endpoint_url=info.endpoint_url, aws_access_key_id=info.access_key,
@@ -241,10 +245,17 @@ def _kill_mid_upload(info: StoreInfo, prefix: str, restart_after_s: float | None
             return False
         return any(upload["Key"] == weights_key for upload in answer.get("Uploads", []))
 
+    def committed() -> bool:
+        try:
+            client.head_object(Bucket=info.bucket, Key=f"{prefix}/medical/v1/manifest.json")
+        except Exception:
+            return False
+        return True
+
     def watch() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if not upload_started():
+            if not (committed() if after_commit else upload_started()):
                 time.sleep(0.005)
                 continue
             os.killpg(info.pid, signal.SIGKILL)  # the server's whole process group, no goodbye
@@ -319,6 +330,72 @@ def test_store_killed_mid_publish_and_left_down_fails_clearly_and_leaves_nothing
     assert _uploads(fs, info.bucket, prefix) == []  # nor any of its parts
     assert fresh.publish("medical", big_adapter, {}).version == 1  # and the number is free again
     fresh.verify("medical", 1)
+
+
+def test_store_killed_after_the_commit_point_publish_returns_the_version_and_settling_it_later_finishes(
+        fragile_store, big_adapter):
+    """The manifest is the commit point: with the store gone while publish re-verifies, the version exists, the
+    publish says so (`unverified`) instead of failing, and settling it once the store is back verifies it and moves
+    `latest`."""
+    info = store_up(fragile_store)
+    prefix = f"committed-{time.monotonic_ns()}"
+    url = f"s3://{info.bucket}/{prefix}"
+    registry = Registry(url, info.storage_options(), retries=3, backoff_s=0.1)
+    facts = _kill_mid_upload(info, prefix, restart_after_s=None, root=fragile_store, after_commit=True)
+
+    published = registry.publish("medical", big_adapter, {"note": "committed, then the store died"})
+    facts["thread"].join(timeout=30)
+
+    assert "error" not in facts and "killed_at" in facts
+    assert published.version == 1 and published.unverified is not None
+    assert published.unverified.startswith("cannot reach the object store")
+    assert info.secret not in published.unverified and info.access_key not in published.unverified
+
+    info = store_up(fragile_store)  # back, on the same data
+    fresh = Registry(url, info.storage_options())
+    assert fresh.versions("medical") == [1] and fresh.alias("medical", "latest") is None
+    settled = fresh.settle(fresh.manifest("medical", 1))
+    assert settled.version == 1 and settled.unverified is None
+    assert fresh.alias("medical", "latest").version == 1 and fresh.versions("medical") == [1]
+
+
+def test_a_publish_failing_after_its_commit_point_succeeds_and_its_retry_finishes_it_once(ray_cluster,
+                                                                                         tiny_config_file, tmp_path):
+    """`latest` cannot be moved (its document's path is taken by a folder: a store fault after the manifest is
+    written, injected without a mock): the publish exits 0 naming the version and warning; the same publish again
+    returns that version and moves `latest`; only --force-new-version publishes the run a second time."""
+    registry = Registry(f"file://{tmp_path / 'registry'}")
+    config = tiny_config_file(publish={"registry": registry.url, "audit_prompts": 0},
+                              train={"max_steps": 2, "eval_every": 1, "checkpoint_every": 2})
+    trained = runner.invoke(app, ["train", str(config)])
+    assert trained.exit_code == 0, trained.output
+    (run_dir,) = (tmp_path / "output" / "medical").iterdir()
+    publish = ["publish", str(config), "--domain", "medical", "--from", str(run_dir)]
+    blocked = tmp_path / "registry" / "medical" / "aliases" / "latest.json"
+    blocked.mkdir(parents=True)
+
+    first = runner.invoke(app, publish)
+    assert first.exit_code == 0, first.output
+    assert "published medical v1 →" in first.output
+    assert "warning: published medical v1; could not re-verify: object store error at" in first.output
+    assert "while reading alias latest of medical" in first.output and "Traceback" not in first.output
+    assert registry.versions("medical") == [1] and registry.alias("medical", "production").version == 1
+
+    blocked.rmdir()
+    again = runner.invoke(app, publish)
+    assert again.exit_code == 0, again.output
+    assert "already published: medical v1 →" in again.output and "warning" not in again.output
+    assert "gate (production): promoted — no current production; eval loss below base (decided when v1 was " \
+           "published)" in again.output
+    assert registry.versions("medical") == [1] and registry.alias("medical", "latest").version == 1
+    assert len(registry.alias("medical", "production").history) == 1  # promoted once, by the first publish
+
+    forced = runner.invoke(app, [*publish, "--force-new-version"])
+    assert forced.exit_code == 0, forced.output
+    assert "published medical v2 →" in forced.output and registry.versions("medical") == [1, 2]
+    assert registry.alias("medical", "latest").version == 2
+    v1, v2 = (registry.manifest("medical", version).files for version in (1, 2))
+    assert all(v2[name] == v1[name] for name in ("adapter_config.json", "adapter_model.safetensors"))
 
 
 # ------------------------------------------------------------------ resource limits

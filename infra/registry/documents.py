@@ -74,13 +74,16 @@ class AliasState(BaseModel):
 
 
 class PublishedVersion(BaseModel):
-    """What `publish` created: a complete, verified version."""
+    """What `publish` created: a complete version, re-verified on the store unless `unverified` says why not."""
 
     model_config = ConfigDict(frozen=True)
     domain: str
     version: int
     url: str
     manifest: Manifest
+    unverified: str | None = None
+    """Why the steps after the commit point (re-read and re-hash, move `latest`) did not run, e.g. the store went
+    away; the version exists all the same. None when they ran."""
 
 
 class VersionInfo(BaseModel):

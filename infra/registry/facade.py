@@ -39,9 +39,9 @@ from infra.registry.rules import (
     CLAIM,
     LATEST,
     MANIFEST,
+    check_location,
     in_version,
     is_manifest,
-    parse_url,
     positive,
     validate_alias,
     validate_name,
@@ -71,8 +71,8 @@ class Registry:
         """
         if retries < 1:
             raise RegistryError(f"retries must be at least 1, got {retries}")
-        self.url, scheme, root = parse_url(url)
         options = dict(storage_options or {})
+        self.url, scheme, root = check_location(url, options)
         backend: Backend
         if scheme == "s3":
             # Imported here: s3fs, aiohttp and botocore take a while to load, and file:// registries need none.
@@ -80,8 +80,6 @@ class Registry:
 
             backend = S3Backend(root.split("/", 1)[0], options)
         else:
-            if options:
-                raise RegistryError(f"storage_options apply to s3:// URLs only, not to {self.url}")
             backend = LocalBackend(Path(root))
         self._conn = Connection(
             backend, root, retries=retries, backoff_s=backoff_s, secrets=credential_values(options)
@@ -250,10 +248,9 @@ class Registry:
 
         Steps: check the folder (adapter_config.json and adapter_model.safetensors required; only allowed file
         types, never pickles), claim the next version number with a conditional create, upload every file
-        (create-only), write manifest.json last, re-read it and re-hash every file on the store, then move
-        `latest` forward. `metadata` is merged into the manifest; it must be JSON and hold no credential.
-        Concurrent publishers get distinct versions. Raises RegistryError (or IntegrityError if the check after
-        writing fails).
+        (create-only), write manifest.json last (the commit point), then `settle` the version. `metadata` is merged
+        into the manifest; it must be JSON and hold no credential. Concurrent publishers get distinct versions.
+        Raises RegistryError before the commit point: then no version was created. After it, see `settle`.
         """
         validate_name(domain)
         files = scan_adapter_dir(Path(local_dir))
@@ -262,10 +259,27 @@ class Registry:
         version, claim = self._claim_version(domain)
         for name, entry in files.items():
             self._upload(domain, version, Path(local_dir) / name, name, entry)
-        manifest = self._commit(domain, version, claim, files, extra)
-        self.verify(domain, version)
-        advance_latest(self._conn, domain, version)
-        return PublishedVersion(domain=domain, version=version, url=self.location(domain, version), manifest=manifest)
+        return self.settle(self._commit(domain, version, claim, files, extra))
+
+    def settle(self, manifest: Manifest) -> PublishedVersion:
+        """What follows a version's commit point: re-read its manifest, re-hash every file on the store, then move
+        `latest` forward to it (never back).
+
+        The version exists from its manifest on, so a store that cannot be reached here does not make the publish
+        a failure: the result says why in `unverified`, and settling it again later finishes the job. Raises
+        IntegrityError if the store holds other bytes than the manifest records.
+        """
+        domain, version = manifest.domain, manifest.version
+        published = PublishedVersion(domain=domain, version=version, url=self.location(domain, version),
+                                     manifest=manifest)
+        try:
+            self.verify(domain, version)
+            advance_latest(self._conn, domain, version)
+        except IntegrityError:
+            raise
+        except RegistryError as error:
+            return published.model_copy(update={"unverified": str(error)})
+        return published
 
     def promote(
         self,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from infra.registry.errors import RegistryError
@@ -85,6 +87,15 @@ def parse_url(url: str) -> tuple[str, str, str]:
         root = "/" + "/".join(prefix)
         return f"file://{root}", "file", root
     raise RegistryError(f"registry URL {url!r} is not supported: use s3://bucket/prefix or file:///abs/path")
+
+
+def check_location(url: str, storage_options: Mapping[str, Any]) -> tuple[str, str, str]:
+    """`parse_url`, and storage options only where they apply: every refusal of a registry location, made before
+    anything is contacted."""
+    normalized, scheme, root = parse_url(url)
+    if scheme != "s3" and storage_options:
+        raise RegistryError(f"storage_options apply to s3:// URLs only, not to {normalized}")
+    return normalized, scheme, root
 
 
 def _check_prefix(parts: list[str], url: str) -> None:
