@@ -112,7 +112,7 @@ class Training(Section):
     """Examples per worker per forward pass, each padded to the longest (used when ``batch_tokens`` is not set)."""
     batch_tokens: int | None = Field(None, gt=0)
     """Token budget of a micro batch (per worker), instead of an example count: whole examples are packed
-    padding-free into rows of ``min(batch_tokens, max(max_seq_len, 2048))`` tokens, as many rows as the budget holds,
+    padding-free into rows of ``min(batch_tokens, max(max_seq_len, 2048))`` tokens, as many as the budget holds,
     with attention kept inside each example. Every step then carries about the same number of real tokens, however
     short the examples are. Causal LMs only."""
     grad_accum: int = Field(1, gt=0)

@@ -319,14 +319,16 @@ def collate(examples: list[TokenizedExample] | list[LabelledExample], pad_token_
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def collate_packed(rows: list[list[TokenizedExample]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(rows: list[list[TokenizedExample]], pad_token_id: int,
+                   width: int | None = None) -> dict[str, torch.Tensor]:
     """Each row holds whole examples back to back, padding-free: ``position_ids`` restart at 0 for each example and
     there is no ``attention_mask``, which transformers reads as packed sequences (a causal mask that stays inside
     each example, rotary positions of the example's own). An example's first token is no target: it would be
     predicted from the previous example's last token. Rows are right-padded to the longest; that padding is a
-    segment of its own (positions from 0 again), attended by nothing else and never a target.
+    segment of its own (positions from 0 again), attended by nothing else and never a target. ``width`` pads every
+    row to that many tokens instead: one shape for every micro batch.
     """
-    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    width = width or max(sum(len(e.input_ids) for e in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)

@@ -25,9 +25,9 @@ STATE_FILE = "trainer_state.pt"
 LENGTH_GROUP_WINDOW = 16
 """Micro batches per length-sorting window (``train.group_by_length``)."""
 PACKED_ROW_TOKENS = 2048
-"""Row length of packed micro batches (unless ``max_seq_len`` is longer or ``batch_tokens`` shorter). Longer rows
-waste less of their end on an example that does not fit; attention costs each token in proportion to its row's
-length, which at 2048 is a few percent of a step's work for the models loramill trains."""
+"""Row length of packed micro batches, unless ``max_seq_len`` is longer or ``batch_tokens`` shorter. On an H200 the
+1B shape trained as fast on rows of 512, 1024 and 2048 tokens, and slower, with more memory, on rows of 4096
+(bench/SPEED_NOTES.md): longer rows waste less of their end, but their attention grows with their length."""
 HISTORY_FILE = "history.json"
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"
 """What ``lora.method`` last_layers or full writes instead of a PEFT adapter: the trained tensors, by their names in
@@ -89,8 +89,8 @@ class Batching:
     def collate(self, micro_batch: list[list[TokenizedExample]] | list[list[LabelledExample]],
                 pad_id: int) -> dict[str, torch.Tensor]:
         """The model inputs of one micro batch (rows of examples, as ``Shard.micro_batch`` gives them)."""
-        if self.packed:
-            return collate_packed(micro_batch, pad_id)
+        if self.packed:  # every row row_len wide: a new shape each step costs more than the few padded tokens
+            return collate_packed(micro_batch, pad_id, width=self.row_len)
         return collate([row[0] for row in micro_batch], pad_id)
 
 
@@ -180,7 +180,7 @@ class Shard:
         padded = real = 0
         for rows in self.plan(0, batching):
             lengths = [sum(len(self.train[i].input_ids) for i in row) for row in rows]
-            padded += max(lengths) * len(lengths)
+            padded += (batching.row_len or max(lengths)) * len(lengths)
             real += sum(lengths)
         return 1 - real / padded if padded else 0.0
 
