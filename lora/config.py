@@ -114,7 +114,8 @@ class Training(Section):
     """Token budget of a micro batch (per worker), instead of an example count: whole examples are packed
     padding-free into rows of ``min(batch_tokens, max(max_seq_len, 2048))`` tokens, as many as the budget holds,
     with attention kept inside each example. Every step then carries about the same number of real tokens, however
-    short the examples are. Causal LMs only."""
+    short the examples are. Causal LMs only. Unset on a GPU: 16384, halved while the step's activations would not fit
+    in half of the memory the loaded base leaves free (``lora.train.gpu_batch_tokens``)."""
     grad_accum: int = Field(1, gt=0)
     """Micro batches per optimizer step. Global batch = micro_batch_size * grad_accum * workers."""
     max_seq_len: int = Field(512, ge=16)

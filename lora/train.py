@@ -28,6 +28,15 @@ PACKED_ROW_TOKENS = 2048
 """Row length of packed micro batches, unless ``max_seq_len`` is longer or ``batch_tokens`` shorter. On an H200 the
 1B shape trained as fast on rows of 512, 1024 and 2048 tokens, and slower, with more memory, on rows of 4096
 (bench/SPEED_NOTES.md): longer rows waste less of their end, but their attention grows with their length."""
+GPU_BATCH_TOKENS = 16384
+"""``train.batch_tokens`` of a GPU run of a causal LM whose config leaves it unset (``gpu_batch_tokens``): on an H200
+the 1B shape in 4-bit trained 27k real tokens/s at 16k tokens a step and 30.5k at 32k, for 5 GiB instead of 9
+(bench/results/realdata_h200.md); 8B: 6.6k and 6.9k, for 15 GiB instead of 25."""
+ACTIVATION_BYTES = {True: 10, False: 200}
+"""Activation bytes a packed step keeps per token, per unit of hidden size x layers, with and without gradient
+checkpointing. With it: 9.3 (1B shape) and 5.7 (8B) measured on an H200 from the peak memory at 8k, 16k and 32k tokens,
+rounded up. Without it: an estimate, not measured: the inputs of every linear layer, the MLP's intermediate
+activations and the attention outputs of each layer in bf16, about 20x more for Llama shapes."""
 HISTORY_FILE = "history.json"
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"
 """What ``lora.method`` last_layers or full writes instead of a PEFT adapter: the trained tensors, by their names in
@@ -92,6 +101,18 @@ class Batching:
         if self.packed:  # every row row_len wide: a new shape each step costs more than the few padded tokens
             return collate_packed(micro_batch, pad_id, width=self.row_len)
         return collate([row[0] for row in micro_batch], pad_id)
+
+
+def gpu_batch_tokens(hidden_size: int, layers: int, free_bytes: int, cfg: Training) -> int:
+    """The token budget a GPU run gets when ``train.batch_tokens`` is unset: ``GPU_BATCH_TOKENS``, halved while the
+    step's activations (``ACTIVATION_BYTES``) would take more than half of the memory left free after loading the
+    base; never below one row of ``max_seq_len``. Every rank must pass the same ``free_bytes`` (the least of them):
+    ranks with other budgets would take different numbers of micro batches."""
+    per_token = ACTIVATION_BYTES[cfg.gradient_checkpointing] * hidden_size * layers
+    budget = GPU_BATCH_TOKENS
+    while budget > cfg.max_seq_len and budget * per_token > free_bytes / 2:
+        budget //= 2
+    return max(budget, cfg.max_seq_len)
 
 
 def pack_rows(order: list[int], lengths: list[int], row_len: int, rows: int) -> list[list[list[int]]]:

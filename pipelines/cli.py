@@ -18,6 +18,7 @@ from infra.store import StoreError, store_down, store_status, store_up
 from lora.config import ConfigError, load_config
 from lora.errors import BackendError, DataError
 from lora.redact import mask_storage_options
+from pipelines import progress
 from pipelines.errors import TrainingFailed
 from pipelines.registry_access import check_registry, open_registry
 
@@ -35,6 +36,21 @@ USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, BackendErro
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see configs/default.yaml)")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=10")]
 DomainOpt = Annotated[list[str] | None, typer.Option("--domain", "-d", help="Only this domain (repeatable)")]
+
+
+@app.callback()
+def output_options(
+    log_format: Annotated[progress.LogFormat, typer.Option(
+        "--log-format", envvar="LORAMILL_LOG_FORMAT",
+        help="text: progress bars on a terminal, plain lines anywhere else (a file, a pipe, cron, a Ray job). json: "
+        "one JSON object a line, for log pipelines: the progress and the results of train, tune, run and schedule")]
+    = "text",
+    progress_every: Annotated[float, typer.Option(
+        "--progress-every", min=0, envvar="LORAMILL_PROGRESS_EVERY",
+        help="Off a terminal: seconds between a run's progress lines (one comes at each evaluation too)")]
+    = progress.DEFAULT_INTERVAL_S,
+) -> None:
+    progress.configure(log_format, progress_every)
 
 
 def exits_2_on_bad_input(command: Callable) -> Callable:
@@ -87,7 +103,7 @@ def train_command(
     cfg = load_config(config, overrides or [])
     tuned = {d.name: tune.best_config(cfg, d.name) for d in train.select_domains(cfg, domain)} if from_tune else None
     results = train.run(cfg, domain, tuned)
-    console.print(training_table(results))
+    show_training(results)
 
 
 @app.command(name="tune")
@@ -105,8 +121,11 @@ def tune_command(
 
     cfg = load_config(config, overrides or [])
     for sweep in tune.run(cfg, domain, resume):
-        console.print(tune_table(sweep))
         folder = _short_path(sweep_dir(cfg, sweep.domain))
+        if progress.mode() == "json":
+            progress.emit("tuned", sweep.model_dump(mode="json") | {"folder": folder})
+            continue
+        console.print(tune_table(sweep))
         console.print(f"best: trial {sweep.best} → {folder}/best.json (`loramill train --from-tune` uses it); "
                       f"plot {folder}/tune.png")
 
@@ -363,7 +382,20 @@ def run_command(
 
     cfg = load_config(config, overrides or [])
     rows = run_stage.run(cfg, domain, sweep=tune)
-    console.print(training_table([r.training for r in rows]))
+    show_training([r.training for r in rows])
+    show_published(rows)
+    warn_after_commit([r.outcome for r in rows])
+
+
+def show_published(rows) -> None:
+    """What ``run`` published: a table, or with ``--log-format json`` one ``published`` object per domain."""
+    if progress.mode() == "json":
+        for r in rows:
+            progress.emit("published", {
+                "domain": r.training.domain, "version": r.outcome.published.version,
+                "already_published": r.outcome.already_published, "eval_loss": r.training.eval_loss,
+                "gate": r.outcome.gate.decision, "gate_reason": r.outcome.gate.reason, "url": r.outcome.published.url})
+        return
     table = Table(title="published", title_justify="left")
     for column in ("domain", "version", "eval loss", "gate", "where"):
         table.add_column(column)
@@ -372,7 +404,6 @@ def run_command(
         table.add_row(r.training.domain, version, f"{r.training.eval_loss:.4f}",
                       f"{r.outcome.gate.decision}: {r.outcome.gate.reason}", r.outcome.published.url)
     console.print(table)
-    warn_after_commit([r.outcome for r in rows])
 
 
 @app.command()
@@ -432,7 +463,10 @@ def schedule(
     from pipelines import schedule as schedule_stage
 
     def echo(line: str) -> None:
-        console.print(f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} {line}", markup=False, highlight=False)
+        if progress.mode() == "json":
+            progress.emit("schedule", {"message": line})
+        else:
+            console.print(f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} {line}", markup=False, highlight=False)
 
     if force and not once:
         raise typer.BadParameter("--force applies to one tick: add --once")
@@ -456,6 +490,21 @@ def schedule(
         schedule_stage.loop(cfg, domain, lock_ttl_s=lock_ttl, echo=echo)
     except KeyboardInterrupt:
         echo("scheduler stopped")
+
+
+RUN_FIELDS = {"domain", "run_name", "steps", "base_eval_loss", "eval_loss", "base_eval_accuracy", "eval_accuracy",
+              "trainable_params", "total_params", "train_seconds", "wall_seconds", "tokens_per_second"}
+"""What ``--log-format json`` prints of each ``RunRecord`` (the training table's columns; result.json holds all)."""
+
+
+def show_training(results) -> None:
+    """The training table, or with ``--log-format json`` one ``trained`` object per domain."""
+    if progress.mode() != "json":
+        console.print(training_table(results))
+        return
+    for r in results:
+        progress.emit("trained", r.model_dump(mode="json", include=RUN_FIELDS)
+                      | {"adapter": str(r.output_dir / "adapter")})
 
 
 def training_table(results) -> Table:

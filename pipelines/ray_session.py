@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Set before Ray is imported anywhere in the process: usage stats would try to reach an outside server, and
@@ -17,15 +18,18 @@ import ray  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from lora.config import Config  # noqa: E402
+from pipelines import progress  # noqa: E402
 
 
 def ensure_ray(cfg: Config) -> None:
     """Join ``cluster.address`` (or ``RAY_ADDRESS``, as inside ``ray job submit``), else start Ray locally."""
     if ray.is_initialized():
         return
+    # Off a terminal, Ray's own INFO lines ("View the dashboard at ...") would bring colour codes into the log.
+    driver_log_level = logging.INFO if progress.mode() == "bars" else logging.WARNING
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=driver_log_level)
         return
     # The dashboard (~1 GiB) serves the state API that Ray Train's placement-group cleaner polls; without it
     # the cleaner logs a warning every second. None: started when its packages (ray[default]) are installed, as
@@ -36,6 +40,7 @@ def ensure_ray(cfg: Config) -> None:
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         logging_config=ray.LoggingConfig(log_level="WARNING"),
+        logging_level=driver_log_level,
     )
 
 

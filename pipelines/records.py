@@ -68,6 +68,8 @@ class Hardware(Record):
     workers: int
     use_gpu: bool
     cpus_per_worker: float
+    node_id: str = ""
+    """The Ray node rank 0 ran on (``domains[].resources_per_worker`` decides which nodes may take a domain)."""
 
 
 CheckStatus = Literal["passed", "failed", "not run"]

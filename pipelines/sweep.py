@@ -31,6 +31,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from lora.config import Config, Domain, TuneSettings
 from pipelines.cluster import storage, worker_resources
 from pipelines.errors import TrainingFailed
+from pipelines.progress import Display
 from pipelines.records import Record
 from pipelines.train import build_trainer
 from pipelines.train_worker import WorkerSession, train_domain
@@ -123,14 +124,15 @@ def tune_dir(cfg: Config, domain_name: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def tune_trial(params: dict[str, Any], cfg_dict: dict[str, Any], domain_name: str) -> None:
+def tune_trial(params: dict[str, Any], cfg_dict: dict[str, Any], domain_name: str, display: Display) -> None:
     """One trial: a training run of ``domain_name`` with the trial's LoRA values and learning rate."""
     cfg = trial_config(Config.model_validate(cfg_dict), params)
     domain = cfg.domain(domain_name)
+    display = display.for_trial(ray.tune.get_context().get_trial_name())
     if cfg.cluster.workers_per_domain == 1:
-        train_domain(cfg, domain, tune_session())
+        train_domain(cfg, domain, tune_session(), display)
     else:
-        fit_trial_trainer(cfg, domain)
+        fit_trial_trainer(cfg, domain, display)
 
 
 def tune_session() -> WorkerSession:
@@ -148,14 +150,14 @@ def tune_session() -> WorkerSession:
     return WorkerSession(0, 1, 0, ray.tune.get_checkpoint, report)
 
 
-def fit_trial_trainer(cfg: Config, domain: Domain) -> None:
+def fit_trial_trainer(cfg: Config, domain: Domain, display: Display) -> None:
     """Several workers: fit a TorchTrainer named after the trial, so a resumed trial resumes its own run."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     context = ray.tune.get_context()
     runs = f"{cfg.cluster.storage_url.rstrip('/')}/tune/{context.get_experiment_name()}-runs"
     cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"storage_url": runs})})
-    build_trainer(cfg, domain, context.get_trial_name(), callbacks=[TuneReportCallback()]).fit()
+    build_trainer(cfg, domain, context.get_trial_name(), display=display, callbacks=[TuneReportCallback()]).fit()
 
 
 def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
@@ -206,7 +208,7 @@ def trial_resources(cfg: Config, domain: Domain) -> PlacementGroupFactory:
 
 
 def build_tuner(cfg: Config, domain: Domain, path: str, schedule: Schedule, concurrency: int,
-                resume: bool) -> Tuner:
+                resume: bool, display: Display) -> Tuner:
     """A new Tuner for this domain's sweep at ``path`` (``experiment_path``), or the interrupted one restored
     (finished trials stay finished)."""
     filesystem = storage(cfg)[1]
@@ -215,7 +217,7 @@ def build_tuner(cfg: Config, domain: Domain, path: str, schedule: Schedule, conc
     # function's name ("tune_trial") is the same in every sweep task, so domains swept side by side ran whichever
     # registered last: each other's data (seen on a GPU node, where the sweeps queue for the GPU).
     ray.tune.register_trainable(experiment, ray.tune.with_resources(
-        functools.partial(tune_trial, cfg_dict=cfg.model_dump(), domain_name=domain.name),
+        functools.partial(tune_trial, cfg_dict=cfg.model_dump(), domain_name=domain.name, display=display),
         trial_resources(cfg, domain),
     ))
     if resume and Tuner.can_restore(path, storage_filesystem=filesystem):
@@ -246,7 +248,9 @@ def build_tuner(cfg: Config, domain: Domain, path: str, schedule: Schedule, conc
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),  # as the train stage: enough to resume a trial
             callbacks=[AshaRungs(scheduler)],
-            verbose=1,
+            # Tune's status tables are drawn for a terminal; elsewhere the trials' progress lines and the results
+            # say it, and with --log-format json stdout must hold JSON only.
+            verbose=1 if display.mode == "bars" else 0,
         ),
     )
 
@@ -273,17 +277,30 @@ class AshaRungs(ray.tune.Callback):
                 recorded.update(values)
 
 
-# num_cpus=0: a task blocked in Tune's loop needs no CPU; a share would keep a trial from fitting. A failed trial
-# is shown as one line in the results table (its traceback in the error.txt the sweep's output points to), and as
-# TrainingFailed when all failed; TUNE_PRINT_ALL_TRIAL_ERRORS=0 keeps Tune from also logging each traceback.
-@ray.remote(num_cpus=0, runtime_env={"env_vars": {"TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}})
+def sweep_runtime_env(display: Display) -> dict[str, Any]:
+    """The environment ``sweep_domain`` runs in (its trials inherit it).
+
+    A failed trial is shown as one line in the results table (its traceback in the error.txt the sweep's output
+    points to), and as TrainingFailed when all failed: TUNE_PRINT_ALL_TRIAL_ERRORS=0 keeps Tune from also logging
+    each traceback. Off a terminal, RAY_AIR_NEW_OUTPUT=0: Tune's newer output engine prints the experiment's header
+    and paths even at verbose=0, its older one prints nothing.
+    """
+    env_vars = {"TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
+    if display.mode != "bars":
+        env_vars["RAY_AIR_NEW_OUTPUT"] = "0"
+    return {"env_vars": env_vars}
+
+
+# num_cpus=0: a task blocked in Tune's loop needs no CPU; a share would keep a trial from fitting. Started with
+# ``sweep_runtime_env``.
+@ray.remote(num_cpus=0)
 def sweep_domain(cfg_dict: dict[str, Any], domain_name: str, experiment: str, schedule: dict[str, Any],
-                 concurrency: int, resume: bool) -> str:
+                 concurrency: int, resume: bool, display: Display) -> str:
     """Run (or resume) one domain's sweep and write its results, plot and best configuration; returns the folder.
     ``TrainingFailed`` when every trial failed."""
     cfg, plan = Config.model_validate(cfg_dict), Schedule.model_validate(schedule)
     domain = cfg.domain(domain_name)
-    grid = build_tuner(cfg, domain, experiment, plan, concurrency, resume).fit()
+    grid = build_tuner(cfg, domain, experiment, plan, concurrency, resume, display).fit()
     return str(write_outputs(cfg, collect_sweep(cfg, domain, experiment, grid, plan, concurrency)))
 
 

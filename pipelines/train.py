@@ -15,25 +15,27 @@ from typing import Any
 
 import pipelines.ray_session  # noqa: F401  (sets Ray's environment before ray is imported)
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from lora.config import Config, Domain
 from lora.model import check_bitsandbytes, resolve_model_dir
 from pipelines.cluster import check_fit, domain_need, fits, storage, worker_resources
 from pipelines.errors import TrainingFailed
+from pipelines.progress import Display, shown_here
 from pipelines.ray_session import ensure_ray, on_this_node
 from pipelines.records import RunRecord
 from pipelines.run_folder import collect_output, data_fingerprint, run_name
 from pipelines.train_worker import train_worker
 
 
-def build_trainer(cfg: Config, domain: Domain, name: str, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(cfg: Config, domain: Domain, name: str, *, display: Display,
+                  callbacks: list | None = None) -> TorchTrainer:
     storage_path, filesystem = storage(cfg)
     resources = worker_resources(cfg, domain)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "domain": domain.name},
+        train_loop_config={"cfg": cfg.model_dump(), "domain": domain.name, "display": display},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers_per_domain, use_gpu=cfg.cluster.use_gpu, resources_per_worker=resources
         ),
@@ -47,19 +49,22 @@ def build_trainer(cfg: Config, domain: Domain, name: str, callbacks: list | None
                                          controller_failure_limit=cfg.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # No "Attempting to start training worker group" or "Reporting training result" per report: the
+            # progress display says how the run goes; warnings still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
 
 @ray.remote(num_cpus=0.01)
 def fit_domain(cfg_dict: dict[str, Any], domain_name: str, data_sha256: dict[str, str],
-               fresh: str | None) -> dict[str, Any]:
+               fresh: str | None, display: Display) -> dict[str, Any]:
     """Fit one domain's TorchTrainer and copy its final checkpoint into the local output folder."""
     cfg = Config.model_validate(cfg_dict)
     domain = cfg.domain(domain_name)
     name = run_name(cfg, domain, data_sha256, fresh)
     started = time.time()
-    result = build_trainer(cfg, domain, name).fit()
+    result = build_trainer(cfg, domain, name, display=display).fit()
     return collect_output(cfg, domain, name, data_sha256, result.checkpoint, time.time() - started)
 
 
@@ -98,26 +103,28 @@ def run(cfg: Config, domain_names: list[str] | None = None, domain_configs: dict
     # long runs would use up its restarts waiting.
     capacity = ray.cluster_resources()
     waiting, pending, in_use, results = list(domains), {}, {}, []
-    while waiting or pending:
-        while waiting and (not pending or fits(domain_need(configs[waiting[0].name], waiting[0]), in_use, capacity)):
-            domain = waiting.pop(0)
-            need = domain_need(configs[domain.name], domain)
-            ref = fit_domain.options(scheduling_strategy=driver_node).remote(
-                configs[domain.name].model_dump(), domain.name, fingerprints[domain.name], started_at)
-            pending[ref] = (domain.name, need)
-            in_use = {k: in_use.get(k, 0) + need.get(k, 0) for k in in_use.keys() | need.keys()}
-        done, _ = ray.wait(list(pending), num_returns=1)
-        name, need = pending.pop(done[0])
-        in_use = {k: v - need.get(k, 0) for k, v in in_use.items()}
-        try:
-            output = ray.get(done[0])
-        except ray.exceptions.RayTaskError as e:
-            for other in pending:
-                ray.cancel(other)
-            if isinstance(e.cause, TrainingFailed):
-                raise e.cause from None
-            raise TrainingFailed(
-                f"domain {name!r}: training failed after {cfg.cluster.max_failures} restart(s): {e.cause}"
-            ) from None
-        results.append(RunRecord.load(Path(output["output_dir"])))
+    with shown_here() as display:  # off a terminal: the runs' progress lines, printed here
+        while waiting or pending:
+            while waiting and (not pending
+                               or fits(domain_need(configs[waiting[0].name], waiting[0]), in_use, capacity)):
+                domain = waiting.pop(0)
+                need = domain_need(configs[domain.name], domain)
+                ref = fit_domain.options(scheduling_strategy=driver_node).remote(
+                    configs[domain.name].model_dump(), domain.name, fingerprints[domain.name], started_at, display)
+                pending[ref] = (domain.name, need)
+                in_use = {k: in_use.get(k, 0) + need.get(k, 0) for k in in_use.keys() | need.keys()}
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name, need = pending.pop(done[0])
+            in_use = {k: v - need.get(k, 0) for k, v in in_use.items()}
+            try:
+                output = ray.get(done[0])
+            except ray.exceptions.RayTaskError as e:
+                for other in pending:
+                    ray.cancel(other)
+                if isinstance(e.cause, TrainingFailed):
+                    raise e.cause from None
+                raise TrainingFailed(
+                    f"domain {name!r}: training failed after {cfg.cluster.max_failures} restart(s): {e.cause}"
+                ) from None
+            results.append(RunRecord.load(Path(output["output_dir"])))
     return sorted(results, key=lambda r: [d.name for d in domains].index(r.domain))

@@ -2,7 +2,8 @@
 
 ``train_worker`` is the Ray Train worker function; ``train_domain`` loads the base, makes trainable what
 ``lora.method`` says, resumes from the session's latest checkpoint, trains, and reports metrics, checkpoints and
-the worker's ``RunInfo``. ``WorkerSession`` is what it needs from the Ray library it runs under.
+the worker's ``RunInfo``. ``WorkerSession`` is what it needs from the Ray library it runs under; how rank 0 shows
+its progress is ``pipelines.progress``.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ from lora.train import (
     TrainState,
     build_optimizer,
     eval_share,
+    gpu_batch_tokens,
     load_training_state,
     save_training_state,
     total_steps,
     train,
 )
+from pipelines.progress import TERMINAL, Display, RunProgress
 from pipelines.records import RUN_INFO_FILE, Check, DataSplit, RunInfo
 
 
@@ -68,12 +71,13 @@ class WorkerSession:
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function: one DDP rank of one domain's run."""
     cfg = Config.model_validate(loop_config["cfg"])
-    train_domain(cfg, cfg.domain(loop_config["domain"]), WorkerSession.ray_train())
+    train_domain(cfg, cfg.domain(loop_config["domain"]), WorkerSession.ray_train(), loop_config["display"])
 
 
-def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
+def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: Display = TERMINAL) -> None:
     """Load the base, make trainable what ``lora.method`` says (a LoRA adapter by default), resume from the session's
-    latest checkpoint if any, train, report metrics and checkpoints."""
+    latest checkpoint if any, train, report metrics and checkpoints. Rank 0 shows the progress as ``display`` says
+    (the driver's choice; a tqdm bar for callers outside the CLI)."""
     _quiet_worker_logs()
     rank, world_size = session.rank, session.world_size
     if not cfg.cluster.use_gpu:
@@ -91,6 +95,9 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
     kernels = use_fused_kernels(model, backend) if cfg.train.fused_kernels else "none: train.fused_kernels=false"
     model = prepare_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
     trainable, total = parameter_counts(model)
+    if cfg.cluster.use_gpu and chat and cfg.train.batch_tokens is None:
+        train_cfg = cfg.train.model_copy(update={"batch_tokens": _budget_for_this_gpu(model, cfg, backend.device)})
+        cfg = cfg.model_copy(update={"train": train_cfg})
 
     shard = Shard(train_examples, eval_share(eval_examples, cfg.train.max_eval_examples, rank, world_size), rank,
                   world_size)
@@ -125,6 +132,7 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
             "workers": world_size,
             "use_gpu": cfg.cluster.use_gpu,
             "cpus_per_worker": cfg.cluster.cpus_per_worker,
+            "node_id": ray.get_runtime_context().get_node_id(),
         },
         compute_dtype=str(backend.compute_dtype).removeprefix("torch."),
         kernels=kernels,
@@ -134,6 +142,8 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
     )
 
     def report(metrics: dict[str, float], state: TrainState, save: bool) -> None:
+        if progress and "eval_loss" in metrics:
+            progress.evaluated(state.history)
         if not save:
             session.report(metrics)
             return
@@ -143,16 +153,26 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession) -> None:
                 run_info.write(Path(directory) / RUN_INFO_FILE)
             session.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
 
-    bar = _progress_bar(rank, f"{domain.name} train", steps, state.step)
+    progress = RunProgress(display, domain.name, steps, state.step, world_size) if rank == 0 else None
     try:
         train(
-            model, optimizer, scheduler, shard, cfg.train, state, report,
-            pad_id=tokenizer.pad_token_id, device=backend.device, progress=lambda step: bar and bar.update(1),
+            model, optimizer, scheduler, shard, cfg.train, state, report, pad_id=tokenizer.pad_token_id,
+            device=backend.device, progress=lambda step: progress and progress.stepped(state.history),
         )
     finally:  # also when Tune stops the trial: its report() raises SystemExit in this thread
         _give_back_base_model(base_key, model)
-        if bar:
-            bar.close()
+        if progress:
+            progress.close()
+
+
+def _budget_for_this_gpu(model: torch.nn.Module, cfg: Config, device: torch.device) -> int:
+    """``gpu_batch_tokens`` for the least free memory of any rank: ranks with other budgets would take different
+    numbers of micro batches and wait for each other forever."""
+    free = torch.tensor(torch.cuda.mem_get_info(device)[0], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
+    shape = model.config.get_text_config()
+    return gpu_batch_tokens(shape.hidden_size, shape.num_hidden_layers, int(free.item()), cfg.train)
 
 
 def data_check(data: dict[str, DataSplit]) -> Check:
@@ -243,22 +263,14 @@ def _give_back_base_model(key: tuple | None, model: torch.nn.Module) -> None:
 
 
 def _quiet_worker_logs() -> None:
-    """Keep the driver's terminal to progress bars and warnings: no per-report INFO lines or loading bars."""
+    """Keep the driver's output to progress and warnings: no per-report INFO lines or loading bars."""
     import logging
 
     import transformers
 
+    # Ray Train logs every report at INFO ("Reporting training result ...") by a logger named after its file, which
+    # its LoggingConfig (the ray.train loggers) does not reach; the root level does.
+    logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-
-
-def _progress_bar(rank: int, desc: str, total: int, done: int):
-    """A tqdm bar that Ray renders on the driver's terminal (rank 0 only)."""
-    if rank != 0:
-        return None
-    from ray.experimental.tqdm_ray import tqdm
-
-    bar = tqdm(total=total, desc=desc)
-    bar.update(done)  # ray's tqdm takes no `initial`
-    return bar

@@ -23,9 +23,19 @@ from lora.config import Config, ConfigError, Domain
 from lora.data import check_file
 from pipelines.cluster import node_offers, storage, worker_resources
 from pipelines.errors import TrainingFailed
+from pipelines.progress import shown_here
 from pipelines.ray_session import on_this_node
 from pipelines.run_folder import run_name
-from pipelines.sweep import BEST_FILE, TRIAL_DRIVER_CPU, BestTrial, Schedule, SweepResult, sweep_domain, tune_dir
+from pipelines.sweep import (
+    BEST_FILE,
+    TRIAL_DRIVER_CPU,
+    BestTrial,
+    Schedule,
+    SweepResult,
+    sweep_domain,
+    sweep_runtime_env,
+    tune_dir,
+)
 from pipelines.train import preflight, select_domains
 
 log = logging.getLogger(__name__)
@@ -143,24 +153,25 @@ def run(cfg: Config, domain_names: list[str] | None = None, resume: bool = False
             log.warning(warning)
     # Pinned to the driver's node, as the train stage's runs: sweep_domain writes output_dir there for the driver.
     on_driver = on_this_node()
-    pending = {
-        sweep_domain.options(scheduling_strategy=on_driver).remote(
-            cfg.model_dump(), d.name, experiment_path(cfg, d, fingerprints[d.name])[0], schedules[d.name].model_dump(),
-            per_domain[d.name], resume): d.name
-        for d in domains
-    }
-    results = {}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(done[0])
-        try:
-            results[name] = SweepResult.load(Path(ray.get(done[0])))
-        except ray.exceptions.RayTaskError as e:
-            for other in pending:
-                ray.cancel(other)
-            if isinstance(e.cause, TrainingFailed):
-                raise e.cause from None
-            raise TrainingFailed(f"domain {name!r}: the sweep failed: {e.cause}") from None
+    with shown_here() as display:  # off a terminal: the trials' progress lines, printed here
+        pending = {
+            sweep_domain.options(scheduling_strategy=on_driver, runtime_env=sweep_runtime_env(display)).remote(
+                cfg.model_dump(), d.name, experiment_path(cfg, d, fingerprints[d.name])[0],
+                schedules[d.name].model_dump(), per_domain[d.name], resume, display): d.name
+            for d in domains
+        }
+        results = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(done[0])
+            try:
+                results[name] = SweepResult.load(Path(ray.get(done[0])))
+            except ray.exceptions.RayTaskError as e:
+                for other in pending:
+                    ray.cancel(other)
+                if isinstance(e.cause, TrainingFailed):
+                    raise e.cause from None
+                raise TrainingFailed(f"domain {name!r}: the sweep failed: {e.cause}") from None
     return [results[d.name] for d in domains]
 
 

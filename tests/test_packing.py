@@ -11,7 +11,7 @@ from torch import nn
 from lora.config import ConfigError, ModelSource, Training, load_config
 from lora.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed, epoch_order, load_examples
 from lora.model import load_tokenizer, resolve_model_dir
-from lora.train import Batching, Shard, evaluate, pack_rows
+from lora.train import Batching, Shard, evaluate, gpu_batch_tokens, pack_rows
 from tests.conftest import DATA
 from tests.test_model import load
 
@@ -124,3 +124,17 @@ def test_a_budget_below_one_row_and_packing_a_classifier_are_config_errors(tiny_
         Training(batch_tokens=128, max_seq_len=256)
     with pytest.raises(ConfigError, match="train.batch_tokens: packing is for causal LMs"):
         load_config(tiny_config_file(train={"batch_tokens": 1024}), ["task=sequence_classification"])
+
+
+def test_a_gpu_run_without_a_budget_gets_one_that_fits_its_free_memory():
+    gib = 2**30
+    checkpointed = Training(gradient_checkpointing=True, max_seq_len=1024)
+    # 1B shape (hidden 2048, 16 layers) on an H200 after loading: the default budget, 16k tokens.
+    assert gpu_batch_tokens(2048, 16, 135 * gib, checkpointed) == 16384
+    # 8B shape (4096 x 32) with 8 GiB free: 16k tokens would take 20 GiB of activations; 2k take 2.5 of the 4 allowed.
+    assert gpu_batch_tokens(4096, 32, 8 * gib, checkpointed) == 2048
+    # Without gradient checkpointing every token keeps 20x more, so the same GPU gets a smaller budget.
+    assert gpu_batch_tokens(2048, 16, 40 * gib, Training(max_seq_len=1024)) < gpu_batch_tokens(
+        2048, 16, 40 * gib, checkpointed)
+    # Never below one row: a long max_seq_len on a small GPU still trains a row at a time.
+    assert gpu_batch_tokens(4096, 32, 1 * gib, Training(max_seq_len=4096)) == 4096

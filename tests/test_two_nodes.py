@@ -1,0 +1,87 @@
+"""Multi-node, in simulation on one machine: a second raylet with a resource of its own joins the session's Ray
+cluster. A domain that asks for that resource (``domains[].resources_per_worker``) trains on that node, the other on
+the head, and both checkpoint to shared storage: an ``s3://`` prefix on the session's SeaweedFS."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from ray._common.utils import get_ray_address_file  # where `ray start` records it (no public API)
+
+from tests.conftest import read_json
+from tests.test_train_ray import invoke
+
+NODE_RESOURCE = "simulated_gpu_node"
+
+
+def _alive_nodes(ray) -> set[str]:
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+
+
+@pytest.fixture
+def second_node(ray_cluster):
+    """The node id of a second raylet (1 CPU and ``NODE_RESOURCE``), joined for this test and stopped after it."""
+    ray = ray_cluster
+    before = _alive_nodes(ray)
+    # `ray start` records the cluster it joined in Ray's temp folder, where a later ray.init() of this machine (the
+    # CLI run by other tests) would find it and connect instead of starting its own: put back what was there.
+    current_cluster = Path(get_ray_address_file(None))
+    recorded = current_cluster.read_text() if current_cluster.exists() else None
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--address", ray.get_runtime_context().gcs_address,
+         "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--resources", json.dumps({NODE_RESOURCE: 1}),
+         "--disable-usage-stats", "--block"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # pipelines.ray_session turns Ray's multi-node switch off for loramill's own processes; a joining node needs it.
+        env=os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while not (joined := _alive_nodes(ray) - before):
+        assert process.poll() is None and time.monotonic() < deadline, "the second raylet did not join"
+        time.sleep(1)
+    [node_id] = joined
+    yield node_id
+    process.send_signal(signal.SIGINT)  # `ray start --block` stops the node's own processes on SIGINT
+    process.wait(timeout=120)
+    while node_id in _alive_nodes(ray) and time.monotonic() < deadline + 120:
+        time.sleep(1)
+    if recorded is None:
+        current_cluster.unlink(missing_ok=True)
+    else:
+        current_cluster.write_text(recorded)
+
+
+def test_domains_land_where_the_config_says_and_checkpoint_to_shared_storage(second_node, ray_cluster,
+                                                                           tiny_config_file, s3_store):
+    import fsspec
+
+    storage = f"s3://{s3_store.bucket}/runs-{uuid.uuid4().hex[:8]}"
+    config = tiny_config_file(domains=("legal", "support"), train={"max_steps": 2, "eval_every": 1},
+                              cluster={"storage_url": storage, "storage_options": s3_store.storage_options()})
+    raw = yaml.safe_load(config.read_text())
+    raw["domains"][0]["resources_per_worker"] = {NODE_RESOURCE: 1}  # legal: only the second node has it
+    config.write_text(yaml.safe_dump(raw))
+
+    result = invoke("train", config)
+    assert result.exit_code == 0, result.output
+
+    nodes = {}
+    for domain in ("legal", "support"):
+        [run_dir] = (config.parent / "output" / domain).iterdir()
+        nodes[domain] = read_json(run_dir / "run_info.json")["hardware"]["node_id"]
+    assert nodes["legal"] == second_node  # support asks for nothing special: either node may take it
+    assert nodes["support"] in {second_node, ray_cluster.get_runtime_context().get_node_id()}
+
+    fs, root = fsspec.core.url_to_fs(storage, **s3_store.storage_options())
+    for domain in ("legal", "support"):
+        [run] = [p for p in fs.ls(root) if Path(p).name.startswith(f"{domain}-")]
+        checkpoints = [p for p in fs.ls(run) if Path(p).name.startswith("checkpoint_") and fs.isdir(p)]
+        assert checkpoints, f"no checkpoint of {domain} in {storage}"
+        assert fs.exists(f"{sorted(checkpoints)[-1]}/adapter/adapter_model.safetensors")
