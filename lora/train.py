@@ -26,16 +26,17 @@ LENGTH_GROUP_WINDOW = 16
 """Micro batches per length-sorting window (``train.group_by_length``)."""
 PACKED_ROW_TOKENS = 2048
 """Row length of packed micro batches, unless ``max_seq_len`` is longer or ``batch_tokens`` shorter. On an H200 the
-1B shape trained as fast on rows of 512, 1024 and 2048 tokens, and slower, with more memory, on rows of 4096
-(bench/SPEED_NOTES.md): longer rows waste less of their end, but their attention grows with their length."""
+1B shape trained as fast on rows of 512, 1024 and 2048 tokens; rows of 4096 took more memory (6.1 GiB instead of 3.7
+at 8k tokens a step) and were slower at 16k and 32k (bench/SPEED_NOTES.md): longer rows waste less of their end, but
+their attention grows with their length."""
 GPU_BATCH_TOKENS = 16384
 """``train.batch_tokens`` of a GPU run of a causal LM whose config leaves it unset (``gpu_batch_tokens``): on an H200
 the 1B shape in 4-bit trained 27k real tokens/s at 16k tokens a step and 30.5k at 32k, for 5 GiB instead of 9
 (bench/results/realdata_h200.md); 8B: 6.6k and 6.9k, for 15 GiB instead of 25."""
 ACTIVATION_BYTES = {True: 10, False: 200}
 """Activation bytes a packed step keeps per token, per unit of hidden size x layers, with and without gradient
-checkpointing. With it: 9.3 (1B shape) and 5.7 (8B) measured on an H200 from the peak memory at 8k, 16k and 32k tokens,
-rounded up. Without it: an estimate, not measured: the inputs of every linear layer, the MLP's intermediate
+checkpointing. With it: 9.3 (1B shape) and 5.7 (8B), the growth of the peak memory between budgets of 8k to 32k tokens
+on an H200, rounded up. Without it: an estimate, not measured: the inputs of every linear layer, the MLP's intermediate
 activations and the attention outputs of each layer in bf16, about 20x more for Llama shapes."""
 HISTORY_FILE = "history.json"
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"
