@@ -54,7 +54,7 @@ def test_length_grouping_keeps_every_example_once_per_epoch_and_ranks_apart(worl
         examples, [], 0, world_size).micro_batch(2, 5, grouped)
 
 
-def test_length_grouping_pads_at_most_five_percent_of_the_bundled_domains():
+def test_length_grouping_and_packing_pad_at_most_five_percent_of_the_bundled_domains():
     cfg = load_config(REPO / "configs" / "default.yaml", [])
     tokenizer = load_tokenizer(cfg.model, resolve_model_dir(cfg.model))
     for domain in cfg.domains:
@@ -65,3 +65,8 @@ def test_length_grouping_pads_at_most_five_percent_of_the_bundled_domains():
             plain = shard.padding_fraction(Batching(micro_batch_size, cfg.train.seed, group_by_length=False))
             assert grouped <= 0.05, (domain.name, micro_batch_size, grouped)
             assert grouped < plain / 3, (domain.name, micro_batch_size, grouped, plain)
+        for batch_tokens in (8192, 32768):  # packed rows (train.batch_tokens): only each row's end is padding
+            batching = Batching.of(cfg.train.model_copy(update={"batch_tokens": batch_tokens}))
+            assert batching.row_len == 2048
+            packed = shard.padding_fraction(batching)
+            assert packed <= 0.05, (domain.name, batch_tokens, packed)

@@ -2,7 +2,6 @@
 so each example's loss, a step's gradients and the held-out metrics are those of padded batches of the same examples;
 the epoch plan gives every example once, ranks apart, and the same plan to a resumed run."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,12 +9,11 @@ from torch import nn
 
 from lora.config import ConfigError, ModelSource, Training, load_config
 from lora.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed, epoch_order, load_examples
-from lora.model import load_tokenizer, resolve_model_dir
+from lora.model import load_tokenizer
 from lora.train import Batching, Shard, evaluate, gpu_batch_tokens, pack_rows
 from tests.conftest import DATA
 from tests.test_model import load
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -104,19 +102,6 @@ def test_the_packed_plan_gives_each_example_once_ranks_apart_within_the_budget(w
     # Deterministic per epoch (a resumed run sees the same micro batch), another order the next epoch.
     assert Shard(examples, [], 0, world_size).plan(2, batching) == plans[0]
     assert Shard(examples, [], 0, world_size).plan(3, batching) != plans[0]
-
-
-def test_packing_the_bundled_domains_leaves_little_padding():
-    cfg = load_config(REPO / "configs" / "default.yaml", [])
-    tokenizer = load_tokenizer(cfg.model, resolve_model_dir(cfg.model))
-    for domain in cfg.domains:
-        examples, _ = load_examples(domain.train, {}, tokenizer, cfg.train.max_seq_len, cfg.train.overlong)
-        shard = Shard(examples, [], 0, 1)
-        for batch_tokens in (8192, 32768):
-            batching = Batching.of(cfg.train.model_copy(update={"batch_tokens": batch_tokens}))
-            assert batching.row_len == 2048
-            packed = shard.padding_fraction(batching)
-            assert packed <= 0.05, (domain.name, batch_tokens, packed)
 
 
 def test_a_budget_below_one_row_and_packing_a_classifier_are_config_errors(tiny_config_file):
