@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lora.names import NAME_PATTERN, NAME_RULE
 
 BUILTIN_MODELS = ("builtin:smollm2-135m-instruct", "builtin:all-minilm-l6-v2")
+MLFLOW_SCHEMES = ("sqlite", "http", "https")
+"""MLflow 3.17 refuses its old file store (./mlruns) by default: a local store is a sqlite file."""
 
 
 class ConfigError(ValueError):
@@ -189,6 +192,36 @@ class Publish(Section):
     audit_max_new_tokens: int = Field(48, gt=0, le=512)
 
 
+class Tracking(Section):
+    """Where training runs and Tune trials report their metrics (loss, eval loss, learning rate, tokens/s)."""
+
+    tensorboard: bool = True
+    """TensorBoard event files for every run and trial under ``<output_dir>/tensorboard/<domain>/``
+    (``tensorboard --logdir <output_dir>/tensorboard``)."""
+    mlflow_uri: str | None = None
+    """MLflow tracking store: ``sqlite:///mlflow.db`` for a local store (relative to the config file;
+    ``sqlite:////abs/mlflow.db`` is absolute), or a server's ``http(s)://`` URL. Runs, parameters, metrics
+    and the published version go there; a sweep is a parent run with a child run per trial. None: no MLflow.
+    Credentials go in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), never in
+    the URL."""
+    mlflow_experiment: str = Field("loramill", min_length=1)
+    """The MLflow experiment that holds the runs; created when missing."""
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _mlflow_uri_usable(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return None
+        scheme, sep, rest = uri.partition("://")
+        if scheme not in MLFLOW_SCHEMES or not sep or not rest:
+            raise ValueError(f"{uri!r} is not an MLflow tracking URI loramill takes; use sqlite:///mlflow.db "
+                             "or http(s)://host:port")
+        if "@" in rest.partition("/")[0]:
+            raise ValueError("credentials in the URL would be written to run folders and logs; remove the "
+                             "user:password@ part and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+        return uri
+
+
 class Domain(Section):
     name: str = Field(pattern=NAME_PATTERN)
     """Lowercase letters, digits, ``-`` or ``_``; used in paths and registry keys."""
@@ -299,6 +332,7 @@ class Config(Section):
     cluster: Cluster = Field(default_factory=Cluster)
     publish: Publish = Field(default_factory=Publish)
     tune: TuneSettings = Field(default_factory=TuneSettings)
+    tracking: Tracking = Field(default_factory=Tracking)
     domains: list[Domain] = Field(min_length=1)
 
     @field_validator("domains")
@@ -400,6 +434,9 @@ def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
     publish = raw.setdefault("publish", {})
     if isinstance(publish, dict):
         publish["store_dir"] = absolute(publish.get("store_dir", Publish.model_fields["store_dir"].default))
+    tracking = raw.get("tracking")
+    if isinstance(tracking, dict) and isinstance(tracking.get("mlflow_uri"), str):
+        tracking["mlflow_uri"] = _absolute_local_store(tracking["mlflow_uri"], absolute)
     model = raw.get("model")
     if isinstance(model, dict):
         for key in ("id", "tokenizer"):
@@ -407,6 +444,14 @@ def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
             # Only explicit relative paths: a bare ``org/name`` is a hub id.
             if isinstance(value, str) and value.startswith(("./", "../", "~")):
                 model[key] = absolute(value)
+
+
+def _absolute_local_store(uri: str, absolute: Callable[[str], Any]) -> str:
+    """``sqlite:///x.db`` (SQLAlchemy's relative form) made absolute: ``sqlite:////<config folder>/x.db``."""
+    path = uri.removeprefix("sqlite:///")
+    if path != uri and path and not path.startswith("/"):
+        return "sqlite:///" + absolute(path)
+    return uri
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

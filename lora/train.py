@@ -61,7 +61,7 @@ class TrainState:
     base_eval_loss: float | None = None
     """Held-out loss of the base model (adapter disabled, or before the first step), measured once."""
     tokens: int = 0
-    """Real (non-padding) tokens this rank trained on: ``tokens / train_seconds`` is its throughput."""
+    """Real (non-padding) tokens all ranks trained on: ``tokens / train_seconds`` is the run's throughput."""
     resumed_from_step: list[int] = field(default_factory=list)
     """The step each restart continued from (one entry per resume from a checkpoint): the steps redone after a
     failure are the ones between that step and where the failed attempt was."""
@@ -155,8 +155,11 @@ class Shard:
     def plan(self, epoch: int, batching: Batching) -> list[list[list[int]]]:
         """This rank's micro batches of ``epoch``: rows of example indices. Deterministic, so a resumed run sees the
         same micro batch at the same position. The same global shuffle on every rank; padded micro batches take a
-        strided split of it, packed ones are packed from the whole order and dealt out in turn: ranks never share an
-        example and, cut to whole rounds, every rank gets the same count.
+        strided split of it, packed ones are packed from the whole order, ``rows x world_size`` rows a round, whose
+        rows are dealt out in turn: ranks never share an example, every rank gets one micro batch a round, and the
+        ranks' micro batches of a round differ by at most one row, also in an epoch's last, partial round (dealt out
+        as whole micro batches, a rank had the small tail of the epoch alone: on 2 H200s, with a few micro batches
+        an epoch, rank 0 trained 63% of the tokens and the other waited for it).
 
         ``group_by_length`` (padded only): each window of ``LENGTH_GROUP_WINDOW`` micro batches of that order is sorted
         by length and cut into micro batches, which are then taken in a shuffled order: batches of similar lengths
@@ -168,8 +171,8 @@ class Shard:
         order = epoch_order(len(self.train), epoch, batching.seed)
         if batching.packed:
             lengths = [len(e.input_ids) for e in self.train]
-            packed = pack_rows(order, lengths, batching.row_len, batching.rows)
-            plan = packed[: len(packed) // self.world_size * self.world_size][self.rank :: self.world_size]
+            rounds = pack_rows(order, lengths, batching.row_len, batching.rows * self.world_size)
+            plan = [rows[self.rank :: self.world_size] for rows in rounds if len(rows) >= self.world_size]
         else:
             size = batching.micro_batch_size
             order = order[self.rank :: self.world_size]
@@ -282,14 +285,19 @@ def evaluate(
             targets = (batch["labels"][:, 1:] != -100).sum()
             loss_sum += model(**batch).loss.double() * targets
             count += targets
-    if dist.is_available() and dist.is_initialized():
-        for total in (loss_sum, count, correct):
-            dist.all_reduce(total)
+    loss_sum, count, correct = all_ranks(torch.stack([loss_sum, count, correct]))
     model.train(was_training)
-    eval_loss = (loss_sum / count.clamp(min=1)).item()
+    eval_loss = loss_sum / max(count, 1)
     if classify:
-        return {"eval_loss": eval_loss, "eval_accuracy": (correct / count.clamp(min=1)).item()}
+        return {"eval_loss": eval_loss, "eval_accuracy": correct / max(count, 1)}
     return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+def all_ranks(totals: torch.Tensor) -> list[float]:
+    """``totals`` summed over the ranks of a distributed run (as they are on one process), read in one transfer."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return totals.tolist()
 
 
 def has_adapter(model: nn.Module) -> bool:
@@ -349,13 +357,13 @@ def train(
     model.train()
     while state.step < steps:
         started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, tokens = torch.zeros((), device=device), 0
         for micro_index in range(cfg.grad_accum):
             if state.batch_in_epoch >= shard.batches_per_epoch(batching, state.epoch):
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             micro = shard.micro_batch(state.epoch, state.batch_in_epoch, batching)
             state.batch_in_epoch += 1
-            state.tokens += sum(len(e.input_ids) for row in micro for e in row)
+            tokens += sum(len(e.input_ids) for row in micro for e in row)
             batch = {k: v.to(device, non_blocking=True) for k, v in batching.collate(micro, pad_id).items()}
             with gradient_sync(model, micro_index == cfg.grad_accum - 1):
                 loss = model(**batch).loss / cfg.grad_accum
@@ -364,7 +372,10 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = loss_sum.item()  # waits for the step to finish on the GPU: the time below is the step's
+        # Read once a step, and waits for the step to finish on the GPU: the time below is the step's.
+        train_loss, step_tokens = all_ranks(torch.stack([loss_sum, torch.tensor(float(tokens), device=device)]))
+        state.tokens += int(step_tokens)
+        train_loss /= shard.world_size
         state.step += 1
         state.train_seconds += time.perf_counter() - started
         progress(state.step)

@@ -19,7 +19,7 @@ from lora.config import ConfigError, load_config
 from lora.errors import BackendError, DataError
 from lora.redact import mask_storage_options
 from pipelines import progress
-from pipelines.errors import TrainingFailed
+from pipelines.errors import TrackingUnavailable, TrainingFailed
 from pipelines.registry_access import check_registry, open_registry
 
 if TYPE_CHECKING:
@@ -30,7 +30,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 200)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
-USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, BackendError, RegistryError, StoreError)
+USAGE_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, BackendError, RegistryError, StoreError,
+                                              TrackingUnavailable)
 """Bad input: reported in one message that names the problem and the fix, exit status 2."""
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see configs/default.yaml)")]

@@ -3,3 +3,7 @@
 
 class TrainingFailed(RuntimeError):
     """A domain's run failed for good (its restarts used up); the message names the domain and the cause."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """``tracking.mlflow_uri`` names a store that cannot be opened; the message names it and the fix."""

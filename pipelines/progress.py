@@ -47,8 +47,7 @@ class ProgressLine(Record):
     """Mean training loss of the steps since the run's previous line; None when there were none (step 0)."""
     eval_loss: float | None
     tokens_per_second: float | None
-    """Real (non-padding) tokens per second in optimizer steps, all workers: rank 0's rate times the workers, as
-    the ranks train on equal shares."""
+    """Real (non-padding) tokens per second in optimizer steps, all workers together."""
     eta_seconds: float | None
     """Wall time left at the pace since the run (re)started, evaluations included; None before its first step."""
 
@@ -160,8 +159,8 @@ class RunProgress:
     """Rank 0's progress for one run: the tqdm bar that Ray draws on the driver's terminal, or ``ProgressLine``s
     into the driver's inbox at each evaluation and every ``interval_s`` seconds."""
 
-    def __init__(self, display: Display, domain: str, total_steps: int, done_steps: int, workers: int):
-        self.display, self.domain, self.total_steps, self.workers = display, domain, total_steps, workers
+    def __init__(self, display: Display, domain: str, total_steps: int, done_steps: int):
+        self.display, self.domain, self.total_steps = display, domain, total_steps
         self.started, self.started_step = time.monotonic(), done_steps
         self.last_line_at, self.last_line_step = self.started, done_steps
         self.bar = None
@@ -201,7 +200,7 @@ class RunProgress:
             total_steps=self.total_steps,
             train_loss=statistics.fmean(losses) if losses else None,
             eval_loss=latest["eval_loss"] if event == "eval" else None,
-            tokens_per_second=latest["tokens_per_second"] * self.workers if "tokens_per_second" in latest else None,
+            tokens_per_second=latest.get("tokens_per_second"),
             eta_seconds=None if pace is None else pace * (self.total_steps - step),
         ))
         self.last_line_at, self.last_line_step = time.monotonic(), step

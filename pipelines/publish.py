@@ -52,6 +52,7 @@ from pipelines.records import (
     eval_set_fingerprint,
 )
 from pipelines.registry_access import open_registry
+from pipelines.tracking import record_published
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -130,7 +131,9 @@ def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False, se
         # the audit says which version it was prepared as. Rare; say so rather than hide it.
         gate_decision = gate_decision.model_copy(update={"reason": f"{gate_decision.reason} (documents were "
                                                          f"prepared as v{version}; published as v{published.version})"})
-    return finish(registry, published, gate_decision)
+    outcome = finish(registry, published, gate_decision)
+    outcome.warnings += record_published(cfg, record.run_name, published.version, published.url)
+    return outcome
 
 
 def finish(registry: Registry, published: PublishedVersion, gate_decision: GateDecision, *,

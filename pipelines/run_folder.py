@@ -79,8 +79,7 @@ def collect_output(cfg: Config, domain: Domain, name: str, data_sha256: dict[str
             total_params=info.total_params,
             train_seconds=history[-1].get("train_seconds", 0.0),
             wall_seconds=wall,
-            # Rank 0's rate; ranks take the same number of micro batches of the same budget.
-            tokens_per_second=history[-1].get("tokens_per_second", 0.0) * info.hardware.workers,
+            tokens_per_second=history[-1].get("tokens_per_second", 0.0),
             config=drop_storage_options(cfg.model_dump()),  # credentials stay out of run folders, which get copied
             info=info,
             output_dir=target,

@@ -33,6 +33,7 @@ from pipelines.cluster import storage, worker_resources
 from pipelines.errors import TrainingFailed
 from pipelines.progress import Display
 from pipelines.records import Record
+from pipelines.tracking import Tracking, run_params
 from pipelines.train import build_trainer
 from pipelines.train_worker import WorkerSession, train_domain
 
@@ -124,15 +125,18 @@ def tune_dir(cfg: Config, domain_name: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def tune_trial(params: dict[str, Any], cfg_dict: dict[str, Any], domain_name: str, display: Display) -> None:
-    """One trial: a training run of ``domain_name`` with the trial's LoRA values and learning rate."""
+def tune_trial(params: dict[str, Any], cfg_dict: dict[str, Any], domain_name: str, display: Display,
+               tracking: Tracking) -> None:
+    """One trial: a training run of ``domain_name`` with the trial's LoRA values and learning rate. ``tracking`` is
+    the sweep's (its MLflow run is the trial's parent)."""
     cfg = trial_config(Config.model_validate(cfg_dict), params)
     domain = cfg.domain(domain_name)
-    display = display.for_trial(ray.tune.get_context().get_trial_name())
+    trial = ray.tune.get_context().get_trial_name()
+    display, tracking = display.for_trial(trial), tracking.trial(trial)
     if cfg.cluster.workers_per_domain == 1:
-        train_domain(cfg, domain, tune_session(), display)
+        train_domain(cfg, domain, tune_session(), display, tracking)
     else:
-        fit_trial_trainer(cfg, domain, display)
+        fit_trial_trainer(cfg, domain, display, tracking)
 
 
 def tune_session() -> WorkerSession:
@@ -150,14 +154,15 @@ def tune_session() -> WorkerSession:
     return WorkerSession(0, 1, 0, ray.tune.get_checkpoint, report)
 
 
-def fit_trial_trainer(cfg: Config, domain: Domain, display: Display) -> None:
+def fit_trial_trainer(cfg: Config, domain: Domain, display: Display, tracking: Tracking) -> None:
     """Several workers: fit a TorchTrainer named after the trial, so a resumed trial resumes its own run."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     context = ray.tune.get_context()
     runs = f"{cfg.cluster.storage_url.rstrip('/')}/tune/{context.get_experiment_name()}-runs"
     cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"storage_url": runs})})
-    build_trainer(cfg, domain, context.get_trial_name(), display=display, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(cfg, domain, context.get_trial_name(), display=display, tracking=tracking,
+                  callbacks=[TuneReportCallback()]).fit()
 
 
 def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
@@ -208,7 +213,7 @@ def trial_resources(cfg: Config, domain: Domain) -> PlacementGroupFactory:
 
 
 def build_tuner(cfg: Config, domain: Domain, path: str, schedule: Schedule, concurrency: int,
-                resume: bool, display: Display) -> Tuner:
+                resume: bool, display: Display, tracking: Tracking) -> Tuner:
     """A new Tuner for this domain's sweep at ``path`` (``experiment_path``), or the interrupted one restored
     (finished trials stay finished)."""
     filesystem = storage(cfg)[1]
@@ -217,7 +222,8 @@ def build_tuner(cfg: Config, domain: Domain, path: str, schedule: Schedule, conc
     # function's name ("tune_trial") is the same in every sweep task, so domains swept side by side ran whichever
     # registered last: each other's data (seen on a GPU node, where the sweeps queue for the GPU).
     ray.tune.register_trainable(experiment, ray.tune.with_resources(
-        functools.partial(tune_trial, cfg_dict=cfg.model_dump(), domain_name=domain.name, display=display),
+        functools.partial(tune_trial, cfg_dict=cfg.model_dump(), domain_name=domain.name, display=display,
+                          tracking=tracking),
         trial_resources(cfg, domain),
     ))
     if resume and Tuner.can_restore(path, storage_filesystem=filesystem):
@@ -295,13 +301,17 @@ def sweep_runtime_env(display: Display) -> dict[str, Any]:
 # ``sweep_runtime_env``.
 @ray.remote(num_cpus=0)
 def sweep_domain(cfg_dict: dict[str, Any], domain_name: str, experiment: str, schedule: dict[str, Any],
-                 concurrency: int, resume: bool, display: Display) -> str:
+                 concurrency: int, resume: bool, display: Display, tracking: Tracking) -> str:
     """Run (or resume) one domain's sweep and write its results, plot and best configuration; returns the folder.
     ``TrainingFailed`` when every trial failed."""
     cfg, plan = Config.model_validate(cfg_dict), Schedule.model_validate(schedule)
     domain = cfg.domain(domain_name)
-    grid = build_tuner(cfg, domain, experiment, plan, concurrency, resume, display).fit()
-    return str(write_outputs(cfg, collect_sweep(cfg, domain, experiment, grid, plan, concurrency)))
+    tracking = tracking.named(domain.name, experiment.rsplit("/", 1)[-1]).start_sweep(
+        run_params(cfg) | {f"tune.{key}": value for key, value in cfg.tune.model_dump().items()})
+    grid = build_tuner(cfg, domain, experiment, plan, concurrency, resume, display, tracking).fit()
+    sweep = collect_sweep(cfg, domain, experiment, grid, plan, concurrency)
+    tracking.end_sweep(sweep.best, sweep.best_trial.eval_loss)
+    return str(write_outputs(cfg, sweep))
 
 
 def collect_sweep(cfg: Config, domain: Domain, experiment: str, grid: Any, schedule: Schedule,

@@ -26,16 +26,17 @@ from pipelines.progress import Display, shown_here
 from pipelines.ray_session import ensure_ray, on_this_node
 from pipelines.records import RunRecord
 from pipelines.run_folder import collect_output, data_fingerprint, run_name
+from pipelines.tracking import Tracking
 from pipelines.train_worker import train_worker
 
 
-def build_trainer(cfg: Config, domain: Domain, name: str, *, display: Display,
+def build_trainer(cfg: Config, domain: Domain, name: str, *, display: Display, tracking: Tracking,
                   callbacks: list | None = None) -> TorchTrainer:
     storage_path, filesystem = storage(cfg)
     resources = worker_resources(cfg, domain)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "domain": domain.name, "display": display},
+        train_loop_config={"cfg": cfg.model_dump(), "domain": domain.name, "display": display, "tracking": tracking},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers_per_domain, use_gpu=cfg.cluster.use_gpu, resources_per_worker=resources
         ),
@@ -58,13 +59,13 @@ def build_trainer(cfg: Config, domain: Domain, name: str, *, display: Display,
 
 @ray.remote(num_cpus=0.01)
 def fit_domain(cfg_dict: dict[str, Any], domain_name: str, data_sha256: dict[str, str],
-               fresh: str | None, display: Display) -> dict[str, Any]:
+               fresh: str | None, display: Display, tracking: Tracking) -> dict[str, Any]:
     """Fit one domain's TorchTrainer and copy its final checkpoint into the local output folder."""
     cfg = Config.model_validate(cfg_dict)
     domain = cfg.domain(domain_name)
     name = run_name(cfg, domain, data_sha256, fresh)
     started = time.time()
-    result = build_trainer(cfg, domain, name, display=display).fit()
+    result = build_trainer(cfg, domain, name, display=display, tracking=tracking.named(domain.name, name)).fit()
     return collect_output(cfg, domain, name, data_sha256, result.checkpoint, time.time() - started)
 
 
@@ -93,6 +94,7 @@ def run(cfg: Config, domain_names: list[str] | None = None, domain_configs: dict
     runs whatever exists.
     """
     domains = select_domains(cfg, domain_names)
+    tracking = Tracking.open(cfg)  # before Ray starts: a wrong tracking.mlflow_uri fails in seconds
     fingerprints = preflight(cfg, domains)
     started_at = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") if fresh else None
     configs = {d.name: (domain_configs or {}).get(d.name, cfg) for d in domains}
@@ -110,7 +112,8 @@ def run(cfg: Config, domain_names: list[str] | None = None, domain_configs: dict
                 domain = waiting.pop(0)
                 need = domain_need(configs[domain.name], domain)
                 ref = fit_domain.options(scheduling_strategy=driver_node).remote(
-                    configs[domain.name].model_dump(), domain.name, fingerprints[domain.name], started_at, display)
+                    configs[domain.name].model_dump(), domain.name, fingerprints[domain.name], started_at, display,
+                    tracking)
                 pending[ref] = (domain.name, need)
                 in_use = {k: in_use.get(k, 0) + need.get(k, 0) for k in in_use.keys() | need.keys()}
             done, _ = ray.wait(list(pending), num_returns=1)

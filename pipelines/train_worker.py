@@ -48,6 +48,7 @@ from lora.train import (
 )
 from pipelines.progress import TERMINAL, Display, RunProgress
 from pipelines.records import RUN_INFO_FILE, Check, DataSplit, RunInfo
+from pipelines.tracking import OFF, RunTracker, Tracking, run_params
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,15 @@ class WorkerSession:
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function: one DDP rank of one domain's run."""
     cfg = Config.model_validate(loop_config["cfg"])
-    train_domain(cfg, cfg.domain(loop_config["domain"]), WorkerSession.ray_train(), loop_config["display"])
+    train_domain(cfg, cfg.domain(loop_config["domain"]), WorkerSession.ray_train(), loop_config["display"],
+                 loop_config["tracking"])
 
 
-def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: Display = TERMINAL) -> None:
+def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: Display = TERMINAL,
+                 tracking: Tracking = OFF) -> None:
     """Load the base, make trainable what ``lora.method`` says (a LoRA adapter by default), resume from the session's
     latest checkpoint if any, train, report metrics and checkpoints. Rank 0 shows the progress as ``display`` says
-    (the driver's choice; a tqdm bar for callers outside the CLI)."""
+    (the driver's choice; a tqdm bar for callers outside the CLI) and writes the metrics where ``tracking`` says."""
     _quiet_worker_logs()
     rank, world_size = session.rank, session.world_size
     if not cfg.cluster.use_gpu:
@@ -142,6 +145,8 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
     )
 
     def report(metrics: dict[str, float], state: TrainState, save: bool) -> None:
+        if tracker:
+            tracker.write(state.history)
         if progress and "eval_loss" in metrics:
             progress.evaluated(state.history)
         if not save:
@@ -153,7 +158,9 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
                 run_info.write(Path(directory) / RUN_INFO_FILE)
             session.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
 
-    progress = RunProgress(display, domain.name, steps, state.step, world_size) if rank == 0 else None
+    progress = RunProgress(display, domain.name, steps, state.step) if rank == 0 else None
+    tracker = RunTracker(tracking, run_params(cfg, {split: d.sha256 for split, d in data.items()}),
+                         state.history) if rank == 0 else None
     try:
         train(
             model, optimizer, scheduler, shard, cfg.train, state, report, pad_id=tokenizer.pad_token_id,
@@ -163,6 +170,8 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
         _give_back_base_model(base_key, model)
         if progress:
             progress.close()
+        if tracker:
+            tracker.close(finished=state.step >= steps)
 
 
 def _budget_for_this_gpu(model: torch.nn.Module, cfg: Config, device: torch.device) -> int:

@@ -26,6 +26,7 @@ from pipelines.errors import TrainingFailed
 from pipelines.progress import shown_here
 from pipelines.ray_session import on_this_node
 from pipelines.run_folder import run_name
+from pipelines.tracking import Tracking
 from pipelines.sweep import (
     BEST_FILE,
     TRIAL_DRIVER_CPU,
@@ -145,6 +146,7 @@ def run(cfg: Config, domain_names: list[str] | None = None, resume: bool = False
                            "(lora.method=lora)"])
     domains = select_domains(cfg, domain_names)
     schedules = {d.name: plan_schedule(cfg, d) for d in domains}
+    tracking = Tracking.open(cfg)  # before Ray starts: a wrong tracking.mlflow_uri fails in seconds
     fingerprints = preflight(cfg, domains)
     check_resumable(cfg, domains, fingerprints, resume)
     per_domain = trials_per_domain(cfg, domains)
@@ -157,7 +159,7 @@ def run(cfg: Config, domain_names: list[str] | None = None, resume: bool = False
         pending = {
             sweep_domain.options(scheduling_strategy=on_driver, runtime_env=sweep_runtime_env(display)).remote(
                 cfg.model_dump(), d.name, experiment_path(cfg, d, fingerprints[d.name])[0],
-                schedules[d.name].model_dump(), per_domain[d.name], resume, display): d.name
+                schedules[d.name].model_dump(), per_domain[d.name], resume, display, tracking): d.name
             for d in domains
         }
         results = {}

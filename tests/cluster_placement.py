@@ -26,6 +26,7 @@ from ray.train.torch import TorchTrainer
 from lora.config import Config, ConfigError, load_config
 from pipelines import run_folder, train
 from pipelines.progress import TERMINAL
+from pipelines.tracking import OFF
 
 NODE_TYPES = {"cpu_big": {"num_cpus": 2}, "gpu_a10": {"num_cpus": 2}}
 
@@ -43,7 +44,7 @@ def node_of_worker(cfg_dict: dict[str, Any], domain_name: str, storage: str) -> 
     cfg = Config.model_validate(cfg_dict)
     domain = cfg.domain(domain_name)
     name = run_folder.run_name(cfg, domain, run_folder.data_fingerprint(domain))
-    scaling = train.build_trainer(cfg, domain, name, display=TERMINAL).scaling_config
+    scaling = train.build_trainer(cfg, domain, name, display=TERMINAL, tracking=OFF).scaling_config
     trainer = TorchTrainer(report_node, scaling_config=scaling,
                            run_config=RunConfig(name=f"placement-{domain_name}", storage_path=storage))
     return trainer.fit().metrics["node_id"]

@@ -92,13 +92,19 @@ def test_the_packed_plan_gives_each_example_once_ranks_apart_within_the_budget(w
     assert len({len(plan) for plan in plans}) == 1  # every rank takes the same number of micro batches
     seen = [i for plan in plans for rows in plan for row in rows for i in row]
     assert len(seen) == len(set(seen))  # no example twice, on any rank
-    everything = pack_rows(epoch_order(203, 2, 7), lengths, 512, 3)
-    whole_rounds = everything[: len(everything) // world_size * world_size]
-    assert sorted(seen) == sorted(i for rows in whole_rounds for row in rows for i in row)
+    # Packed a round (3 rows for each rank) at a time: every example but those of a last round too small to give
+    # each rank a row.
+    rounds = pack_rows(epoch_order(203, 2, 7), lengths, 512, 3 * world_size)
+    assert sorted(seen) == sorted(i for rows in rounds if len(rows) >= world_size for row in rows for i in row)
+    assert all(len(rows) == 3 * world_size for rows in rounds[:-1])  # only the last round can be left out
     for plan in plans:
         for rows in plan:
             assert 1 <= len(rows) <= 3
             assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    # The ranks' micro batches of a round differ by one row at most, the epoch's last round too: no rank waits for
+    # another's extra micro batch.
+    for same_step in zip(*plans, strict=True):
+        assert max(map(len, same_step)) - min(map(len, same_step)) <= 1
     # Deterministic per epoch (a resumed run sees the same micro batch), another order the next epoch.
     assert Shard(examples, [], 0, world_size).plan(2, batching) == plans[0]
     assert Shard(examples, [], 0, world_size).plan(3, batching) != plans[0]

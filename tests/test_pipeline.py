@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from mlflow import MlflowClient
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -118,7 +119,8 @@ def test_run_with_tune_trains_the_best_trial_and_audits_the_search(ray_cluster, 
     options = s3_store.storage_options()
     config = tiny_config_file(domains=("legal",), publish={
         "registry": registry_url, "storage_options": options, "audit_prompts": 1, "audit_max_new_tokens": 4},
-        tune={"search": "grid", "ranks": [2, 4], "alphas": [2.0], "learning_rates": [1e-2]})
+        tune={"search": "grid", "ranks": [2, 4], "alphas": [2.0], "learning_rates": [1e-2]},
+        tracking={"mlflow_uri": "sqlite:///mlflow.db"})
     result = runner.invoke(app, ["run", str(config), "--tune"])
     assert result.exit_code == 0, result.output
     best = json.loads((config.parent / "output/legal/tune/best.json").read_text())
@@ -128,6 +130,30 @@ def test_run_with_tune_trains_the_best_trial_and_audits_the_search(ray_cluster, 
     assert len(design["trials"]) == 2 and design["chosen"]["trial_id"] == best["trial_id"]
     assert audit["base_model_and_modification"]["lora"]["r"] == best["lora"]["r"]
     assert audit["predetermined_changes"]["retraining_envelope"]["lora_r"] == [2, 4]
+
+    # Tracking: the sweep is an MLflow parent run with a child run per trial, then the final run, tagged with the
+    # version published from it; every run and trial also wrote TensorBoard event files under output/tensorboard.
+    client = MlflowClient(f"sqlite:///{config.parent / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("loramill").experiment_id])
+    (sweep,) = [r for r in runs if "tune.search" in r.data.params]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
+    (final,) = [r for r in runs if r not in trials and r != sweep]
+    assert sweep.data.tags["loramill.best_trial"] == best["trial_id"] and sweep.info.status == "FINISHED"
+    assert sorted(int(t.data.params["lora.r"]) for t in trials) == [2, 4]
+    assert final.data.params["lora.r"] == str(best["lora"]["r"])
+    assert final.data.tags["loramill.published_version"] == "1"
+    assert final.data.tags["loramill.registry_url"].endswith("/legal/v1")
+    assert {m.step for m in client.get_metric_history(final.info.run_id, "train_loss")} == {1, 2, 3, 4}
+    assert {m.step for m in client.get_metric_history(final.info.run_id, "eval_loss")} == {0, 2, 4}
+    sweep_result = json.loads((config.parent / "output/legal/tune/tune_results.json").read_text())
+    status = {"finished": "FINISHED", "stopped": "KILLED"}  # stopped: by ASHA
+    assert sorted(t.info.status for t in trials) == sorted(status[t["status"]] for t in sweep_result["trials"])
+    assert final.info.status == "FINISHED"
+    event_folders = {p.parent.relative_to(config.parent / "output/tensorboard/legal").as_posix()
+                     for p in (config.parent / "output/tensorboard/legal").rglob("events.out.tfevents.*")}
+    experiment = sweep_result["experiment"]
+    assert event_folders == {final.data.tags["loramill.run"], *(t.data.tags["loramill.run"] for t in trials)}
+    assert all(name.startswith(experiment.rsplit("/", 1)[1] + "/") for name in event_folders - {final.info.run_name})
 
 
 def test_production_trained_on_another_base_or_quantization_is_not_re_evaluated():

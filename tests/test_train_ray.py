@@ -5,10 +5,29 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from lora.config import load_config
+from lora.data import load_examples
+from lora.model import load_tokenizer
+from lora.train import Batching, Shard
 from pipelines.cli import app
 from tests.conftest import read_json
 
 runner = CliRunner()
+
+
+def tokens_in_steps(cfg, domain: str, model_dir, steps: int) -> int:
+    """Real tokens that all ranks of ``cfg``'s run train on in its first ``steps`` steps, from the epoch plans."""
+    tokenizer = load_tokenizer(cfg.model, model_dir)
+    examples, _ = load_examples(cfg.domain(domain).train, {}, tokenizer, cfg.train.max_seq_len, cfg.train.overlong)
+    batching, total = Batching.of(cfg.train), 0
+    for rank in range(cfg.cluster.workers_per_domain):
+        shard, epoch, index = Shard(examples, [], rank, cfg.cluster.workers_per_domain), 0, 0
+        for _ in range(steps * cfg.train.grad_accum):
+            if index >= shard.batches_per_epoch(batching, epoch):
+                epoch, index = epoch + 1, 0
+            total += sum(len(e.input_ids) for row in shard.micro_batch(epoch, index, batching) for e in row)
+            index += 1
+    return total
 
 
 def invoke(*args):
@@ -45,6 +64,9 @@ def test_two_worker_run_writes_a_loadable_adapter_and_learns(ray_cluster, tiny_c
         assert info["data"]["train"]["examples_kept"] == 32 and len(info["data"]["train"]["sha256"]) == 64
         history = read_json(run_dir / "history.json")
         assert [h["step"] for h in history if "eval_loss" in h] == [0, 2, 4]
+        # The rate counts both ranks' tokens (a rank's share of a step is not half of it).
+        trained = history[-1]["tokens_per_second"] * history[-1]["train_seconds"]
+        assert trained == pytest.approx(tokens_in_steps(load_config(config), domain, tiny_model_dir, steps=4))
 
     # The adapter loads as PEFT expects, onto the base named by a local path.
     from peft import PeftModel
