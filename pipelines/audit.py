@@ -15,14 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+# Figure objects, not pyplot: pyplot keeps global state that concurrent publishes in one process would share.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from lora.config import Config, Domain  # noqa: E402
-from lora.diff import ModuleDelta  # noqa: E402
-from pipelines.records import (  # noqa: E402
+from lora.config import Config, Domain
+from lora.diff import ModuleDelta
+from pipelines.records import (
     SPLITS,
     AcceptanceGate,
     AuditRecord,
@@ -88,7 +86,8 @@ def build_audit(
     data_sources: dict[str, str],
     eval_set: str,
 ) -> AuditRecord:
-    """Every required section, filled from the run's records; ``version`` is the number it is prepared as."""
+    """Every required section, filled from the run's records; ``version`` and ``parent`` are those the registry
+    reserved together (``Registry.reserve``), so the change log names the parent the manifest names."""
     info = run.info
     eval_loss, base_loss = run.eval_loss, run.base_eval_loss
     device_hours = run.wall_seconds * info.hardware.workers / 3600
@@ -379,7 +378,8 @@ def model_card(audit: AuditRecord, version: int, license_id: str = "apache-2.0")
 def plot_losses(history: list[dict[str, float]], path: Path) -> None:
     train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss", alpha=0.7)
     ax.plot(*zip(*evals), "o-", label="eval loss (step 0 = base model)")
@@ -389,11 +389,11 @@ def plot_losses(history: list[dict[str, float]], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_deltas(deltas: list[ModuleDelta], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.12 * len(deltas))), dpi=100)
+    fig = Figure(figsize=(8, max(3.0, 0.12 * len(deltas))), dpi=100)
+    ax = fig.subplots()
     names = [d.module.removeprefix("model.").replace("layers.", "L") for d in deltas]
     ax.barh(range(len(deltas)), [d.frobenius_norm for d in deltas])
     ax.set_yticks(range(len(deltas)), names, fontsize=5)
@@ -401,4 +401,3 @@ def plot_deltas(deltas: list[ModuleDelta], path: Path) -> None:
     ax.set_xlabel("‖ΔW‖_F  (ΔW = B·A·α/r)")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

@@ -196,19 +196,31 @@ def list_versions(
     domain: Annotated[str | None, typer.Argument(help="Only this domain")] = None,
     config: Annotated[Path, typer.Option("--config", "-c", help="Config naming the registry")] = Path(
         "configs/default.yaml"),
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Re-hash every file on the store (downloads them all); without it, a version is marked "
+        "FAILED when its listing or manifest is wrong, or a later publish found it failing verification")] = False,
 ) -> None:
-    """List published versions: aliases, key metrics, sizes."""
+    """List published versions: aliases, key metrics, sizes, write-once retention (S3 Object Lock); versions that
+    must not be used are marked FAILED."""
     registry = open_registry(load_config(config))
+    rows = registry.describe(domain, verify=verify)
     table = Table(title=f"loramill registry {registry.url}", title_justify="left")
     for column in ("domain", "version", "created (UTC)", "parent", "aliases", "eval loss", "base loss", "files",
-                   "size"):
+                   "size", "write-once", "verification"):
         table.add_column(column)
-    for info in registry.describe(domain):
-        table.add_row(info.domain, f"v{info.version}", info.created_at[:19], f"v{info.parent_version}"
+    for info in rows:
+        table.add_row(info.domain, f"v{info.version}", (info.created_at or "-")[:19], f"v{info.parent_version}"
                       if info.parent_version else "-", ", ".join(info.aliases),
                       _fmt(info.metrics.get("eval_loss")), _fmt(info.metrics.get("base_eval_loss")),
-                      str(info.files), f"{info.size_bytes / 1e6:.1f} MB")
+                      "-" if info.files is None else str(info.files),
+                      "-" if info.size_bytes is None else f"{info.size_bytes / 1e6:.1f} MB",
+                      f"{info.lock.mode.lower()} until {info.lock.until:%Y-%m-%d}" if info.lock else "-",
+                      "FAILED" if info.problem else "verified" if verify else "-")
     console.print(table)
+    for info in rows:
+        if info.problem:
+            console.print(f"FAILED {info.domain} v{info.version}: {info.problem}", markup=False, highlight=False,
+                          soft_wrap=True)
 
 
 def _fmt(value) -> str:

@@ -1,9 +1,9 @@
 """Publish stage: a finished run -> a new immutable registry version with its audit, then the promotion gate.
 
-``run`` reads: run record -> the version this very run was already published as, if any -> parent version (its
-manifest) -> ΔW and samples -> gate decision (on one eval set) -> the audit record and its renderings -> publish with
-typed manifest metadata -> promote. The gate is decided before publishing so that the immutable audit records the
-decision and its numbers.
+``run`` reads: run record -> the version this very run was already published as, if any -> ΔW and samples -> gate
+decision (on one eval set) -> the version number reserved together with its parent (the newest earlier version that
+passes verification; its manifest) -> the audit record and its renderings -> publish with typed manifest metadata ->
+promote. The gate is decided before publishing so that the immutable audit records the decision and its numbers.
 
 Exactly once, as the user sees it: the version exists from its manifest on, so what fails after that point (the
 re-verification, moving ``latest``, the promotion) is a warning on a published version, never a failed publish. A
@@ -25,7 +25,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from infra.registry import ConflictError, IntegrityError, Manifest, PublishedVersion, Registry, RegistryError
+from infra.registry import (
+    ConflictError,
+    IntegrityError,
+    Manifest,
+    PublishedVersion,
+    Registry,
+    RegistryError,
+    Reservation,
+)
 from lora.config import Config, ConfigError, Domain, is_local_path
 from lora.data import read_jsonl, to_labelled_text, to_messages
 from lora.diff import adapter_deltas
@@ -100,37 +108,35 @@ def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False, se
         earlier = published_as(registry, domain.name, fingerprint_of_run(record, run_dir, public_config))
         if earlier is not None:
             return settle_again(registry, earlier, force)
-    parent = latest_parent(registry, domain.name)
     eval_set = eval_set_fingerprint(record.info.data["eval"].sha256, cfg.train)
-    with tempfile.TemporaryDirectory(prefix="loramill-publish-") as staging_dir:
+    with tempfile.TemporaryDirectory(prefix="loramill-publish-") as staging_dir, \
+            tempfile.TemporaryDirectory(prefix="loramill-gate-") as gate_dir:
         staging = Path(staging_dir)
         for name in ADAPTER_FILES:
             shutil.copy2(run_dir / "adapter" / name, staging / name)
         adapter_config = json.loads((staging / "adapter_config.json").read_text())
         deltas = adapter_deltas(staging)
-        samples = sample_answers(cfg, domain, staging)
-        gate_decision = apply_gate(registry, cfg, domain, record, staging, eval_set, force)
+        incumbent, current = gate_incumbent(registry, cfg, domain.name, record, eval_set, Path(gate_dir) / "current")
+        samples, losses = model_work(cfg, domain, record, staging, current)
+        gate_decision = apply_gate(cfg, record, eval_set, incumbent, losses, force)
+        audit_docs.plot_losses(history, staging / "loss_curves.png")
+        audit_docs.plot_deltas(deltas, staging / "delta_w.png")
+        # The version number and its parent are decided together, once the slow work is done and before any
+        # document names either: the audit, its change log and the manifest all state this one decision.
+        reservation = registry.reserve(domain.name)
         checks = [*record.info.checks, below_base_check(record, eval_set), gate_check(gate_decision),
-                  samples_check(cfg, samples)]
-        version = _next_version_hint(registry, domain.name)
+                  samples_check(cfg, samples), parent_check(reservation)]
         audit = audit_docs.build_audit(
-            cfg=cfg, domain=domain, run=record, version=version, adapter_config=adapter_config, deltas=deltas,
-            samples=samples, search=search, parent=parent, gate=gate_decision, checks=checks,
-            public_config=public_config, eval_set=eval_set,
+            cfg=cfg, domain=domain, run=record, version=reservation.version, adapter_config=adapter_config,
+            deltas=deltas, samples=samples, search=search, parent=parent_of(registry, reservation),
+            gate=gate_decision, checks=checks, public_config=public_config, eval_set=eval_set,
             data_sources={"train": public_source(domain.train), "eval": public_source(domain.eval)},
         )
         (staging / "audit.json").write_text(audit.to_json())
-        (staging / "audit.md").write_text(audit_docs.render_markdown(audit, version))
-        (staging / "README.md").write_text(audit_docs.model_card(audit, version))
-        audit_docs.plot_losses(history, staging / "loss_curves.png")
-        audit_docs.plot_deltas(deltas, staging / "delta_w.png")
+        (staging / "audit.md").write_text(audit_docs.render_markdown(audit, reservation.version))
+        (staging / "README.md").write_text(audit_docs.model_card(audit, reservation.version))
         metadata = manifest_metadata(cfg, record, audit)
-        published = registry.publish(domain.name, staging, metadata.model_dump(mode="json"))
-    if published.version != version:
-        # Another publisher took the number we wrote into the documents; the manifest is authoritative and
-        # the audit says which version it was prepared as. Rare; say so rather than hide it.
-        gate_decision = gate_decision.model_copy(update={"reason": f"{gate_decision.reason} (documents were "
-                                                         f"prepared as v{version}; published as v{published.version})"})
+        published = registry.publish_reserved(reservation, staging, metadata.model_dump(mode="json"))
     outcome = finish(registry, published, gate_decision)
     outcome.warnings += record_published(cfg, record.run_name, published.version, published.url)
     return outcome
@@ -252,12 +258,12 @@ def read_run(run_dir: Path) -> tuple[RunRecord, list[dict[str, float]]]:
     return record, json.loads((run_dir / HISTORY_FILE).read_text())
 
 
-def latest_parent(registry: Registry, domain: str) -> Parent | None:
-    """The newest complete version, from its manifest (none of its files are downloaded)."""
-    versions = registry.versions(domain)
-    if not versions:
+def parent_of(registry: Registry, reservation: Reservation) -> Parent | None:
+    """The parent ``reservation`` decided, with the facts its manifest holds (none of its files are downloaded)."""
+    if reservation.parent_version is None:
         return None
-    return Parent(versions[-1], metadata_or_none(registry, domain, versions[-1]))
+    return Parent(reservation.parent_version,
+                  metadata_or_none(registry, reservation.domain, reservation.parent_version))
 
 
 def metadata_or_none(registry: Registry, domain: str, version: int) -> ManifestMetadata | None:
@@ -268,36 +274,40 @@ def metadata_or_none(registry: Registry, domain: str, version: int) -> ManifestM
         return None
 
 
-def _next_version_hint(registry: Registry, domain: str) -> int:
-    versions = registry.versions(domain)
-    return versions[-1] + 1 if versions else 1
-
-
 # ---------------------------------------------------------------------------------------------
 # The gate, on losses measured on the same eval set
 # ---------------------------------------------------------------------------------------------
 
 
-def apply_gate(registry: Registry, cfg: Config, domain: Domain, record: RunRecord, adapter_dir: Path,
-               eval_set: str, force: bool) -> GateDecision:
+def gate_incumbent(registry: Registry, cfg: Config, domain: str, record: RunRecord, eval_set: str,
+                   dest: Path) -> tuple[Incumbent | None, Path | None]:
+    """The gate alias's current version (None if unset) and, when its stored loss is on other data, its adapter
+    pulled to ``dest`` to be measured on this run's eval set. No adapter, and the incumbent says why, when it was
+    trained on another base or quantization or fails verification: then the losses do not compare."""
+    incumbent = stored_incumbent(registry, domain, cfg.publish.gate_alias, eval_set)
+    if incumbent is None or incumbent.eval_loss is not None:
+        return incumbent, None
+    other_base = trained_elsewhere(registry.manifest(domain, incumbent.version), record, cfg)
+    if other_base:  # its adapter does not load on this base as it was trained: nothing to measure
+        return Incumbent(incumbent.version, None, f"{incumbent.compared_on}; {other_base}"), None
+    try:
+        return incumbent, registry.pull(domain, incumbent.version, dest)
+    except IntegrityError as error:  # not measured, not fatal: a tampered version must not block new versions
+        return Incumbent(incumbent.version, None, f"{incumbent.compared_on}; it fails verification, so it was not "
+                                                  f"evaluated here: {error}"), None
+
+
+def apply_gate(cfg: Config, record: RunRecord, eval_set: str, incumbent: Incumbent | None,
+               losses: dict[str | None, float] | None, force: bool) -> GateDecision:
     """Decide the gate on a like-for-like pair: the stored losses when the alias's version was evaluated on this
-    run's eval set, else both adapters (and the base) evaluated here on this run's eval set."""
-    alias = cfg.publish.gate_alias
+    run's eval set, else ``losses``, both adapters and the base measured at this publish on this run's eval set."""
     candidate = Candidate(record.eval_loss, record.base_eval_loss, eval_set)
-    incumbent = stored_incumbent(registry, domain.name, alias, eval_set)
-    if incumbent is not None and incumbent.eval_loss is None:
-        other_base = trained_elsewhere(registry.manifest(domain.name, incumbent.version), record, cfg)
-        if other_base:  # its adapter does not load on this base as it was trained: nothing to measure
-            return decide(alias, cfg.publish.gate_tolerance, candidate,
-                          Incumbent(incumbent.version, None, f"{incumbent.compared_on}; {other_base}"), force)
-        with tempfile.TemporaryDirectory(prefix="loramill-gate-") as directory:
-            current_dir = registry.pull(domain.name, incumbent.version, Path(directory) / "current")
-            losses = evaluate_on_eval_set(cfg, domain, record, {"candidate": adapter_dir, "current": current_dir})
+    if incumbent is not None and losses is not None:
         candidate = Candidate(losses["candidate"], losses[None], eval_set)
         incumbent = Incumbent(incumbent.version, losses["current"],
                               f"both adapters and the base evaluated at this publish on this run's eval set "
                               f"({incumbent.compared_on})")
-    return decide(alias, cfg.publish.gate_tolerance, candidate, incumbent, force)
+    return decide(cfg.publish.gate_alias, cfg.publish.gate_tolerance, candidate, incumbent, force)
 
 
 def trained_elsewhere(manifest: Manifest, record: RunRecord, cfg: Config) -> str | None:
@@ -316,23 +326,53 @@ def trained_elsewhere(manifest: Manifest, record: RunRecord, cfg: Config) -> str
     return None
 
 
-def evaluate_on_eval_set(cfg: Config, domain: Domain, record: RunRecord,
-                         adapters: dict[str, Path]) -> dict[str | None, float]:
-    """Eval loss of the base (key None) and of each adapter on the run's held-out set, in one process with one
-    base load: the examples, cap and batch size training used. ``DataError`` if the eval file changed since."""
+def model_work(cfg: Config, domain: Domain, record: RunRecord, candidate: Path,
+               current: Path | None) -> tuple[list[Sample], dict[str | None, float] | None]:
+    """All of publishing's model work on one load of the base, or none when there is nothing to do: the audit
+    samples (held-out prompts answered by the base and by the ``candidate`` adapter) and, with ``current``, the eval
+    losses of the base (key None), ``candidate`` and ``current`` on the run's held-out set, with the examples, cap
+    and batch size training used. ``DataError`` if the eval file changed since the run was trained."""
+    prompts = held_out_prompts(cfg, domain)
+    if not prompts and current is None:
+        return [], None
     import torch
+    import transformers
 
-    from lora.data import load_examples, load_labelled_examples
+    from lora.generate import classify_side_by_side, side_by_side
     from lora.model import dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
     from lora.serve import load_adapters, use_adapter
     from lora.train import evaluate
 
+    transformers.utils.logging.disable_progress_bar()
     classify = cfg.task == "sequence_classification"
     model_dir = resolve_model_dir(cfg.model)
     backend = dispatch_backend(cfg.quant, use_gpu=False)
     tokenizer = load_tokenizer(cfg.model, model_dir, chat=not classify)
+    examples = eval_examples(cfg, domain, record, tokenizer) if current else None  # a changed file fails fast
+    torch.manual_seed(cfg.train.seed)  # a classifier's new head: initialised as in training
+    base = load_base_model(model_dir, cfg.model, cfg.quant, backend, domain.labels, tokenizer.pad_token_id)
+    model = load_adapters(base, {"candidate": candidate} | ({"current": current} if current else {}))
+    losses: dict[str | None, float] | None = None
+    if examples is not None:
+        losses = {}
+        for name in (None, "candidate", "current"):
+            with use_adapter(model, name):
+                losses[name] = evaluate(model, examples, cfg.train.micro_batch_size, tokenizer.pad_token_id,
+                                        backend.device)["eval_loss"]
+    answers: list[dict[str, str]] = []
+    if prompts:
+        with use_adapter(model, "candidate"):
+            answers = classify_side_by_side(model, tokenizer, prompts, cfg.train.max_seq_len) if classify else \
+                side_by_side(model, tokenizer, prompts, cfg.publish.audit_max_new_tokens)
+    return [Sample.model_validate(answer) for answer in answers], losses
+
+
+def eval_examples(cfg: Config, domain: Domain, record: RunRecord, tokenizer: Any) -> list[Any]:
+    """The run's held-out examples as training evaluated them; ``DataError`` if the file holds other bytes now."""
+    from lora.data import load_examples, load_labelled_examples
+
     train = cfg.train
-    if classify:
+    if cfg.task == "sequence_classification":
         examples, stats = load_labelled_examples(domain.eval, domain.storage_options, tokenizer, train.max_seq_len,
                                                  train.overlong, domain.labels)
     else:
@@ -341,16 +381,7 @@ def evaluate_on_eval_set(cfg: Config, domain: Domain, record: RunRecord,
     if stats.sha256 != record.info.data["eval"].sha256:
         raise DataError(f"{redact_url(domain.eval)} changed since run {record.run_name} was trained on it; train "
                         "again before publishing, so that the audit describes the data the adapter was evaluated on")
-    examples = examples[: train.max_eval_examples] if train.max_eval_examples else examples
-    torch.manual_seed(cfg.train.seed)  # a classifier's new head: initialised as in training
-    base = load_base_model(model_dir, cfg.model, cfg.quant, backend, domain.labels, tokenizer.pad_token_id)
-    model = load_adapters(base, adapters)
-    losses: dict[str | None, float] = {}
-    for name in [None, *adapters]:
-        with use_adapter(model, name):
-            losses[name] = evaluate(model, examples, train.micro_batch_size, tokenizer.pad_token_id,
-                                    backend.device)["eval_loss"]
-    return losses
+    return examples[: train.max_eval_examples] if train.max_eval_examples else examples
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,16 +413,26 @@ def samples_check(cfg: Config, samples: list[Sample]) -> Check:
     return Check(name=name, status="passed", evidence=f"{len(samples)} prompts, greedy, on CPU (section 9)")
 
 
-def sample_answers(cfg: Config, domain: Domain, adapter_dir: Path) -> list[Sample]:
-    """The first ``audit_prompts`` held-out user prompts, answered by the base and by the adapter (for a
-    classifier: the first held-out texts, with their true label and the labels base and adapter predict)."""
+def parent_check(reservation: Reservation) -> Check:
+    """The parent the change log compares with was verified on the store; newer versions that failed were skipped
+    (the check then fails: a published version was altered, and readers of the audit must see it)."""
+    skipped = "; ".join(f"v{s.version} skipped: {s.reason}" for s in reservation.skipped_parents)
+    if reservation.parent_version is None:
+        evidence = f"no earlier version passed ({skipped})" if skipped else "the domain's first version"
+    else:
+        evidence = (f"parent v{reservation.parent_version}: every file re-hashed on the store matched its manifest "
+                    f"when v{reservation.version} was reserved" + (f"; {skipped}" if skipped else ""))
+    status = "failed" if skipped else "not run" if reservation.parent_version is None else "passed"
+    return Check(name="earlier versions verified on the store", status=status, evidence=evidence)
+
+
+def held_out_prompts(cfg: Config, domain: Domain) -> list[Any]:
+    """The first ``audit_prompts`` held-out user prompts (for a classifier: the first held-out texts, each with its
+    true label)."""
     if cfg.publish.audit_prompts == 0:
         return []
-    from lora.generate import classify_side_by_side, load_with_adapter, side_by_side
-    from lora.model import dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
-
     classify = cfg.task == "sequence_classification"
-    prompts = []
+    prompts: list[Any] = []
     for line_number, record in read_jsonl(domain.eval, domain.storage_options, hashlib.sha256()):
         where = f"{domain.eval}:{line_number}"
         if classify:
@@ -402,19 +443,7 @@ def sample_answers(cfg: Config, domain: Domain, adapter_dir: Path) -> list[Sampl
             prompts.append(next(m["content"] for m in reversed(messages) if m["role"] == "user"))
         if len(prompts) == cfg.publish.audit_prompts:
             break
-    import torch
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    model_dir = resolve_model_dir(cfg.model)
-    backend = dispatch_backend(cfg.quant, use_gpu=False)
-    tokenizer = load_tokenizer(cfg.model, model_dir, chat=not classify)
-    torch.manual_seed(cfg.train.seed)  # the base's new classification head: initialised as in training
-    base = load_base_model(model_dir, cfg.model, cfg.quant, backend, domain.labels, tokenizer.pad_token_id)
-    model = load_with_adapter(base, adapter_dir)
-    answers = classify_side_by_side(model, tokenizer, prompts, cfg.train.max_seq_len) if classify else \
-        side_by_side(model, tokenizer, prompts, cfg.publish.audit_max_new_tokens)
-    return [Sample.model_validate(answer) for answer in answers]
+    return prompts
 
 
 def public_source(url: str) -> str:

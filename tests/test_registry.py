@@ -7,16 +7,23 @@ import re
 import socket
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import boto3
+import botocore.exceptions
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
 
 from infra.registry import (
     NAME_PATTERN,
@@ -24,9 +31,11 @@ from infra.registry import (
     IntegrityError,
     Registry,
     RegistryError,
+    Retention,
     validate_name,
 )
 from infra.store import StoreInfo
+from pipelines.cli import app
 from tests.s3_fixtures import MOTO_BUCKET, Target, moto_options
 
 WEIGHTS = "adapter_model.safetensors"
@@ -108,6 +117,7 @@ def test_publish_list_pull_roundtrip(target: Target, adapter: TinyAdapter, tmp_p
     assert reg.resolve("medical") == reg.resolve("medical", "latest") == reg.resolve("medical", "v1") == 1
     [row] = reg.describe()
     assert (row.domain, row.version, row.aliases, row.metrics) == ("medical", 1, ["latest"], {"eval_loss": 1.25})
+    assert row.problem is None
     assert row.size_bytes == sum(p.stat().st_size for p in adapter.path.iterdir())
 
     dest = reg.pull("medical", None, tmp_path / "pulled")
@@ -133,9 +143,12 @@ def test_concurrent_publishes_get_distinct_complete_versions(target: Target, ada
 
     assert sorted(versions) == list(range(1, 9))
     assert reg.versions("legal") == list(range(1, 9))
-    workers = {reg.verify("legal", v).metadata["worker"] for v in versions}
-    assert workers == set(range(8))
+    manifests = [reg.verify("legal", v) for v in versions]
+    assert {manifest.metadata["worker"] for manifest in manifests} == set(range(8))
     assert reg.resolve("legal") == 8  # `latest` only ever moves forward
+    for manifest in manifests:  # a parent is an earlier complete version (which one depends on who finished first)
+        assert manifest.parent_version is None or manifest.parent_version < manifest.version
+        assert manifest.skipped_parents == []
 
 
 def test_concurrent_promotes_exactly_one_wins_and_history_keeps_every_move(
@@ -200,6 +213,36 @@ def test_flipped_byte_in_weights_is_refused(target: Target, adapter: TinyAdapter
     assert [p for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
     with pytest.raises(IntegrityError, match=WEIGHTS):
         target.registry.verify("medical", 1)
+
+
+def test_versions_failing_verification_are_skipped_as_parent_and_described(target: Target,
+                                                                          adapter: TinyAdapter) -> None:
+    reg = target.registry
+    for _ in range(3):
+        reg.publish("medical", adapter.path, {})
+    resized = raw_path(target, "medical", f"v2/{WEIGHTS}")
+    target.fs.pipe_file(resized, target.fs.cat_file(resized) + b"\0")
+    flipped = raw_path(target, "medical", f"v3/{WEIGHTS}")
+    data = bytearray(target.fs.cat_file(flipped))
+    data[len(data) // 2] ^= 0xFF
+    target.fs.pipe_file(flipped, bytes(data))
+
+    reservation = reg.reserve("medical")
+    assert (reservation.version, reservation.parent_version) == (4, 1)
+    assert [s.version for s in reservation.skipped_parents] == [3, 2]  # newest first
+    assert "sha256" in reservation.skipped_parents[0].reason and "bytes" in reservation.skipped_parents[1].reason
+    published = reg.publish_reserved(reservation, adapter.path, {})
+    assert published.manifest == reg.verify("medical", 4)
+    assert (published.manifest.parent_version, published.manifest.skipped_parents) == (1, reservation.skipped_parents)
+    assert reg.publish("medical", adapter.path, {}).manifest.parent_version == 4
+
+    listed = {row.version: row.problem for row in reg.describe("medical")}  # nothing downloaded
+    assert listed[1] is None and listed[4] is None and listed[5] is None
+    assert listed[2] is not None and "the file was changed after publishing" in listed[2]  # from the listing
+    assert listed[3] == f"failed verification when v4 was published: {reservation.skipped_parents[0].reason}"
+    verified = {row.version: row.problem for row in reg.describe("medical", verify=True)}
+    assert verified[3] == reservation.skipped_parents[0].reason and verified[2] is not None
+    assert [verified[v] for v in (1, 4, 5)] == [None, None, None]
 
 
 def test_pickle_in_version_folder_is_refused(target: Target, adapter: TinyAdapter, tmp_path: Path) -> None:
@@ -283,6 +326,84 @@ def test_lock_excludes_until_released_or_expired(target: Target) -> None:
         time.sleep(0.3)
         with reg.lock("medical", "nightly", ttl_s=60):  # expired: taken over
             pass
+
+
+# ------------------------------------------------------------------ write-once versions (S3 Object Lock)
+
+
+@dataclass(frozen=True)
+class Locked:
+    """A registry with retention on a fresh bucket created with Object Lock, and raw access to that bucket."""
+
+    registry: Registry
+    options: dict[str, str]
+    client: Any
+    bucket: str
+
+
+@pytest.fixture(params=[("seaweedfs", "governance"), ("moto", "compliance")], ids=lambda p: "-".join(p))
+def locked(request: pytest.FixtureRequest) -> Locked:
+    server, mode = request.param
+    if server == "seaweedfs":
+        options = request.getfixturevalue("s3_store").storage_options()
+    else:
+        options = moto_options(request.getfixturevalue("moto_server"))
+    client = boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id=options["key"],
+                          aws_secret_access_key=options["secret"], region_name="us-east-1")
+    bucket = f"worm-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    registry = Registry(f"s3://{bucket}/adapters", options, retention=Retention(mode=mode, days=1))
+    return Locked(registry, options, client, bucket)
+
+
+def test_every_object_of_a_version_is_written_once_under_object_lock(
+    locked: Locked, adapter: TinyAdapter, tmp_path: Path
+) -> None:
+    reg, client, bucket = locked.registry, locked.client, locked.bucket
+    reserved_at = datetime.now(UTC)
+    reg.publish("medical", adapter.path, METADATA)
+
+    [row] = reg.describe()
+    assert row.lock is not None and row.lock.mode == reg.retention.mode.upper()
+    assert abs(row.lock.until - (reserved_at + timedelta(days=1))).total_seconds() < 30
+    keys = [entry["Key"] for entry in client.list_objects_v2(Bucket=bucket, Prefix="adapters/medical/v1/")["Contents"]]
+    assert sorted(key.rsplit("/", 1)[1] for key in keys) == sorted([".claim", "manifest.json",
+                                                                      *(p.name for p in adapter.path.iterdir())])
+    for key in keys:
+        head = client.head_object(Bucket=bucket, Key=key)
+        assert (head["ObjectLockMode"], head["ObjectLockRetainUntilDate"]) == (row.lock.mode, row.lock.until), key
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "domains": [{"name": "medical", "train": "t.jsonl", "eval": "e.jsonl", "intended_use": "tests",
+                     "limitations": "none"}],
+        "publish": {"registry": reg.url, "storage_options": locked.options}}))
+    listed = CliRunner().invoke(app, ["list", "-c", str(config)])
+    assert listed.exit_code == 0, listed.output
+    assert f"{reg.retention.mode} until {row.lock.until:%Y-%m-%d}" in listed.output
+
+    # Another client with write access: an overwrite only adds a newer object version (which verification refuses),
+    # and the published bytes cannot be deleted. (SeaweedFS also refuses to shorten their retention; moto does not.)
+    key = f"adapters/medical/v1/{WEIGHTS}"
+    published = client.head_object(Bucket=bucket, Key=key)["VersionId"]
+    client.put_object(Bucket=bucket, Key=key, Body=b"tampered")
+    with pytest.raises(IntegrityError, match=WEIGHTS):
+        reg.verify("medical", 1)
+    with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
+        client.delete_object(Bucket=bucket, Key=key, VersionId=published)
+    stored = client.get_object(Bucket=bucket, Key=key, VersionId=published)["Body"].read()
+    assert stored == (adapter.path / WEIGHTS).read_bytes()
+
+
+def test_retention_without_object_lock_is_refused_before_anything_is_written(
+    moto_server: str, adapter: TinyAdapter, tmp_path: Path
+) -> None:
+    url = f"s3://{MOTO_BUCKET}/test-{uuid.uuid4().hex[:12]}"  # a bucket made without Object Lock
+    reg = Registry(url, moto_options(moto_server), retention=Retention(mode="governance", days=30))
+    with pytest.raises(RegistryError, match=f"bucket '{MOTO_BUCKET}' at .* has no Object Lock: create the bucket"):
+        reg.publish("medical", adapter.path, {})
+    assert Registry(url, moto_options(moto_server)).gc(grace_s=0) == []  # not even a claim
+    with pytest.raises(RegistryError, match="retention needs S3 Object Lock"):
+        Registry(f"file://{tmp_path}", retention=Retention(mode="compliance", days=1))
 
 
 # ------------------------------------------------------------------ names, URLs and errors

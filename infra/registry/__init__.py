@@ -4,12 +4,16 @@ A registry lives at `s3://bucket/prefix` (through s3fs) or `file:///abs/path`; b
 
     <domain>/v<N>/.claim             who reserved version N and when: created with If-None-Match: *
     <domain>/v<N>/<adapter files>    created with If-None-Match: *, so a version's files are never overwritten
-    <domain>/v<N>/manifest.json      written last: a version exists if and only if its manifest does
+    <domain>/v<N>/manifest.json      written last: a version exists if and only if its manifest does; it names
+                                     the parent decided when N was claimed (the newest earlier version that
+                                     passed verification then) and the newer ones skipped because they failed
     <domain>/aliases/<alias>.json    the version an alias points at, and every move it made (its history);
                                      moved by compare-and-swap on the object's ETag
     <domain>/locks/<name>.json       scheduler locks that expire
 
 Readers list manifests, never "directories": SeaweedFS keeps listing an emptied folder as a common prefix.
+With a `Retention` (S3 buckets with Object Lock), every object under `v<N>/` is written with a retain-until date
+and mode, so that no client can delete or change the published bytes before it passes.
 Credentials never reach a message, a repr or a stored byte (publish and promote refuse documents holding them).
 
 The package, from the bottom up:
@@ -26,7 +30,16 @@ The package, from the bottom up:
     facade        Registry, the one entry point
 """
 
-from infra.registry.documents import AliasState, FileEntry, Manifest, PublishedVersion, VersionInfo
+from infra.registry.documents import (
+    AliasState,
+    FileEntry,
+    Manifest,
+    PublishedVersion,
+    Reservation,
+    Retention,
+    SkippedVersion,
+    VersionInfo,
+)
 from infra.registry.errors import ConflictError, IntegrityError, RegistryError
 from infra.registry.facade import Registry
 from infra.registry.integrity import folder_matches_manifest
@@ -46,6 +59,9 @@ __all__ = [
     "PublishedVersion",
     "Registry",
     "RegistryError",
+    "Reservation",
+    "Retention",
+    "SkippedVersion",
     "VersionInfo",
     "folder_matches_manifest",
     "validate_name",

@@ -4,6 +4,7 @@ writes are where they differ."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Literal, Protocol
 
@@ -16,6 +17,15 @@ class StoredObject:
     size: int
     mtime: float
     """Seconds since the epoch."""
+
+
+@dataclass(frozen=True)
+class ObjectLock:
+    """S3 Object Lock retention of one object version: until `until`, no client can delete or change it; in
+    GOVERNANCE mode a user granted s3:BypassGovernanceRetention still can, in COMPLIANCE mode nobody can."""
+
+    mode: Literal["GOVERNANCE", "COMPLIANCE"]
+    until: datetime
 
 
 class Backend(Protocol):
@@ -39,14 +49,23 @@ class Backend(Protocol):
         """(content, etag), or None if missing."""
         ...
 
-    def write_if(self, path: str, data: bytes, etag: str | None) -> bool:
-        """Create (`etag` None) or replace if the current etag matches; False when the precondition fails."""
+    def write_if(self, path: str, data: bytes, etag: str | None, lock: ObjectLock | None = None) -> bool:
+        """Create (`etag` None) or replace if the current etag matches; False when the precondition fails. `lock`
+        is only ever given to a store whose `object_lock` is True."""
         ...
 
     def delete_if(self, path: str, etag: str) -> bool: ...
 
-    def upload_new(self, local: Path, path: str) -> bool:
+    def upload_new(self, local: Path, path: str, lock: ObjectLock | None = None) -> bool:
         """Upload a file that must not exist yet; False if it does."""
+        ...
+
+    def object_lock(self) -> bool:
+        """True if the store can write objects under an `ObjectLock`."""
+        ...
+
+    def lock_of(self, path: str) -> ObjectLock | None:
+        """The retention the object was written with, or None."""
         ...
 
     def download(self, path: str, local: Path) -> None: ...

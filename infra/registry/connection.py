@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from infra.registry.backend import Backend, StoredObject
+from infra.registry.backend import Backend, ObjectLock, StoredObject
 from infra.registry.errors import RegistryError, no_bucket_message
 
 T = TypeVar("T")
@@ -52,9 +52,10 @@ class Connection:
     def read(self, path: str, what: str) -> tuple[bytes, str] | None:
         return self.call(what, lambda: self.backend.read(path))
 
-    def put_if(self, path: str, data: bytes, etag: str | None, what: str) -> bool:
-        """Conditional write: create (`etag` None) or replace the object whose ETag is `etag`. False if beaten."""
-        if self.call(what, lambda: self.backend.write_if(path, data, etag)):
+    def put_if(self, path: str, data: bytes, etag: str | None, what: str, lock: ObjectLock | None = None) -> bool:
+        """Conditional write: create (`etag` None) or replace the object whose ETag is `etag`, under `lock` if
+        given. False if beaten."""
+        if self.call(what, lambda: self.backend.write_if(path, data, etag, lock)):
             return True
         # A request retried after a lost response fails its precondition against its own first attempt:
         # if what is there now is exactly our bytes, we did win.

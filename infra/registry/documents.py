@@ -8,15 +8,16 @@ import os
 import socket
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.registry.backend import ObjectLock
 from infra.registry.errors import RegistryError
 
 SCHEMA = 1
 _RESERVED_MANIFEST_KEYS = frozenset(
-    {"schema", "schema_version", "domain", "version", "parent_version", "created_at", "files"}
+    {"schema", "schema_version", "domain", "version", "parent_version", "skipped_parents", "created_at", "files"}
 )
 _RESERVED_HISTORY_KEYS = frozenset({"at", "from", "to", "generation"})
 
@@ -29,6 +30,15 @@ class FileEntry(BaseModel):
     size: int = Field(ge=0)
 
 
+class SkippedVersion(BaseModel):
+    """An earlier version passed over as a parent because it failed verification when a later one was reserved."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: int
+    reason: str
+    """The IntegrityError's message: which file or document, and how it differs."""
+
+
 class Manifest(BaseModel):
     """`manifest.json`: the commit marker of a version. Caller metadata sits next to the fixed fields."""
 
@@ -37,7 +47,11 @@ class Manifest(BaseModel):
     domain: str
     version: int = Field(ge=1)
     parent_version: int | None
-    """The newest complete version below this one when it was published, or None for the first."""
+    """The newest earlier version that passed verification when this version's number was reserved; None if
+    there was none (`Registry.reserve`)."""
+    skipped_parents: list[SkippedVersion] = []
+    """Earlier versions newer than the parent that failed verification at that moment, newest first. Absent from
+    manifests written before it existed."""
     created_at: str
     """UTC, ISO 8601."""
     files: dict[str, FileEntry]
@@ -73,6 +87,34 @@ class AliasState(BaseModel):
         return json.dumps(self.model_dump(by_alias=True), indent=2, sort_keys=True).encode()
 
 
+class Retention(BaseModel):
+    """Write-once versions on a bucket with S3 Object Lock: every object of a version is written with this
+    retention, so that no client can delete or alter the bytes published until it ends (an overwrite only adds a
+    newer object version, which verification refuses)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mode: Literal["governance", "compliance"]
+    """governance: users granted s3:BypassGovernanceRetention can still remove a version early; compliance: nobody
+    can, not even the account's root user, until the period ends."""
+    days: int = Field(ge=1)
+    """How long each version is kept, counted from when its number is reserved."""
+
+
+class Reservation(BaseModel):
+    """A claimed version number and the parent decided with it (`Registry.reserve`): what the manifest records,
+    and what documents written into the version before publishing must name."""
+
+    model_config = ConfigDict(frozen=True)
+    domain: str
+    version: int
+    parent_version: int | None
+    skipped_parents: list[SkippedVersion]
+    claim: bytes
+    """The claim document's bytes: at commit, proof that the claim is still this publisher's."""
+    lock: ObjectLock | None
+    """The retention every object of the version is written with (`Retention`), or None."""
+
+
 class PublishedVersion(BaseModel):
     """What `publish` created: a complete version, re-verified on the store unless `unverified` says why not."""
 
@@ -87,17 +129,23 @@ class PublishedVersion(BaseModel):
 
 
 class VersionInfo(BaseModel):
-    """One row of `loramill list`."""
+    """One row of `loramill list`. The manifest's facts are None when its manifest cannot be read (`problem`)."""
 
     model_config = ConfigDict(frozen=True)
     domain: str
     version: int
-    created_at: str
+    created_at: str | None
     parent_version: int | None
-    files: int
-    size_bytes: int
+    files: int | None
+    size_bytes: int | None
     aliases: list[str]
     metrics: dict[str, Any]
+    lock: ObjectLock | None
+    """The retention its manifest was written with (S3 Object Lock), or None."""
+    problem: str | None
+    """Why the version must not be used, as last found: its manifest or its folder's listing is wrong now, a later
+    publish found it failing verification (and skipped it as parent), or (`describe(verify=True)`) a file's hash
+    differs now. None when nothing was found."""
 
 
 def check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:

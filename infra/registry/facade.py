@@ -11,13 +11,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from infra.registry.aliases import advance_latest, move_alias, read_alias
-from infra.registry.backend import Backend, StoredObject
+from infra.registry.backend import Backend, ObjectLock, StoredObject
 from infra.registry.connection import Connection
 from infra.registry.documents import (
     SCHEMA,
@@ -25,6 +26,9 @@ from infra.registry.documents import (
     FileEntry,
     Manifest,
     PublishedVersion,
+    Reservation,
+    Retention,
+    SkippedVersion,
     VersionInfo,
     check_metadata,
     check_record,
@@ -62,17 +66,24 @@ class Registry:
         *,
         retries: int = 5,
         backoff_s: float = 0.2,
+        retention: Retention | None = None,
     ) -> None:
         """Open the registry at `url`; nothing is contacted until the first operation.
 
         `storage_options` go to s3fs (`endpoint_url`, `key`, `secret`, ...); without them s3fs reads the AWS_*
         environment variables. Transient failures (connection refused, timeouts, 5xx) are retried `retries`
-        times in all, sleeping `backoff_s`, 2x, 4x, ... in between. Raises RegistryError for a malformed URL.
+        times in all, sleeping `backoff_s`, 2x, 4x, ... in between. With `retention`, every object of a version
+        is written under S3 Object Lock (the bucket must have it enabled). Raises RegistryError for a malformed
+        URL, or for `retention` on a file:// registry.
         """
         if retries < 1:
             raise RegistryError(f"retries must be at least 1, got {retries}")
         options = dict(storage_options or {})
         self.url, scheme, root = check_location(url, options)
+        if retention is not None and scheme != "s3":
+            raise RegistryError(f"retention needs S3 Object Lock; {self.url} is a folder, whose owner can always "
+                                "change it: use an s3:// bucket created with Object Lock, or no retention")
+        self.retention = retention
         backend: Backend
         if scheme == "s3":
             # Imported here: s3fs, aiohttp and botocore take a while to load, and file:// registries need none.
@@ -170,16 +181,52 @@ class Registry:
             )
         return state.version
 
-    def describe(self, domain: str | None = None) -> list[VersionInfo]:
-        """One row per complete version (of `domain`, or of every domain): sizes, aliases and metrics."""
+    def describe(self, domain: str | None = None, *, verify: bool = False) -> list[VersionInfo]:
+        """One row per complete version (of `domain`, or of every domain): sizes, aliases, metrics, the retention
+        its manifest was written with, and `problem`.
+
+        Without `verify` nothing is downloaded: a version's problem is what its manifest and its folder's listing
+        show (missing, extra or resized files), else what a later publish found when it skipped the version as a
+        parent. With `verify`, every file is re-hashed on the store (`verify`) and that result replaces the later
+        publish's finding.
+        """
         rows = []
         for name in [validate_name(domain)] if domain is not None else self.domains():
             by_version: dict[int, list[str]] = {}
             for alias_name, state in self.aliases(name).items():
                 by_version.setdefault(state.version, []).append(alias_name)
-            for version in self.versions(name):
-                manifest = self.manifest(name, version)
+            listing = self._conn.walk(self._conn.path(name), f"listing {name}")
+            manifests: dict[int, Manifest | IntegrityError] = {}
+            for version in sorted(version_of(rel) for rel in listing if is_manifest(rel, depth=2)):
+                try:
+                    manifests[version] = self.manifest(name, version)
+                except IntegrityError as error:
+                    manifests[version] = error
+            found_later = {
+                skipped.version: f"failed verification when v{later.version} was published: {skipped.reason}"
+                for later in manifests.values() if isinstance(later, Manifest)
+                for skipped in later.skipped_parents
+            }
+            for version, manifest in manifests.items():
+                aliases = sorted(by_version.get(version, []))
+                if isinstance(manifest, IntegrityError):
+                    rows.append(VersionInfo(domain=name, version=version, created_at=None, parent_version=None,
+                                            files=None, size_bytes=None, aliases=aliases, metrics={}, lock=None,
+                                            problem=str(manifest)))
+                    continue
+                folder = {rel.split("/", 1)[1]: obj for rel, obj in listing.items() if rel.startswith(f"v{version}/")}
+                try:
+                    if verify:
+                        self.verify(name, version)
+                    else:
+                        check_listing(manifest, folder, self.location(name, version))
+                    problem = None if verify else found_later.get(version)
+                except IntegrityError as error:
+                    problem = str(error)
                 metrics = manifest.metadata.get("metrics")
+                path = self._conn.path(name, f"v{version}", MANIFEST)
+                lock = self._conn.call(f"reading the retention of {name} v{version}",
+                                       lambda: self._conn.backend.lock_of(path))
                 rows.append(
                     VersionInfo(
                         domain=name,
@@ -188,8 +235,10 @@ class Registry:
                         parent_version=manifest.parent_version,
                         files=len(manifest.files),
                         size_bytes=manifest.size_bytes,
-                        aliases=sorted(by_version.get(version, [])),
+                        aliases=aliases,
                         metrics=metrics if isinstance(metrics, dict) else {},
+                        lock=lock,
+                        problem=problem,
                     )
                 )
         return rows
@@ -243,23 +292,54 @@ class Registry:
 
     # ---------------------------------------------------------------- writing
 
+    def reserve(self, domain: str) -> Reservation:
+        """Claim the next version number of `domain` and decide its parent, in that order and in one place.
+
+        The number is claimed with a conditional create of `v<N>/.claim` (concurrent publishers get distinct
+        numbers). The parent is then the newest complete version below N that passes `verify` now; newer ones that
+        fail are skipped and named with the reason. The manifest records exactly this parent, so documents a
+        publisher writes into the version from the reservation (the audit's change log) say the same. A
+        reservation never published is an abandoned upload: gc removes its claim after the grace period.
+        Raises RegistryError if the store cannot be reached, or `retention` is set and the bucket has no Object Lock.
+        """
+        validate_name(domain)
+        lock = self._lock_from_now()
+        version, claim = self._claim_version(domain, lock)
+        parent: int | None = None
+        skipped: list[SkippedVersion] = []
+        for earlier in reversed([v for v in self.versions(domain) if v < version]):
+            try:
+                self.verify(domain, earlier)
+            except IntegrityError as error:
+                skipped.append(SkippedVersion(version=earlier, reason=str(error)))
+                continue
+            parent = earlier
+            break
+        return Reservation(domain=domain, version=version, parent_version=parent, skipped_parents=skipped,
+                           claim=claim, lock=lock)
+
     def publish(self, domain: str, local_dir: Path, metadata: Mapping[str, Any] | None = None) -> PublishedVersion:
         """Publish the adapter folder `local_dir` as the next version of `domain` and move `latest` to it.
 
+        Checks the folder and `metadata` first, then `reserve`s the version, then `publish_reserved`. Concurrent
+        publishers get distinct versions. Raises RegistryError before the commit point: then no version was
+        created. After it, see `settle`.
+        """
+        files, extra = self._check_upload(validate_name(domain), Path(local_dir), metadata)
+        return self._upload_and_settle(self.reserve(domain), Path(local_dir), files, extra)
+
+    def publish_reserved(
+        self, reservation: Reservation, local_dir: Path, metadata: Mapping[str, Any] | None = None
+    ) -> PublishedVersion:
+        """Publish `local_dir` as the version `reservation` claimed, with the parent it decided.
+
         Steps: check the folder (adapter_config.json and adapter_model.safetensors required; only allowed file
-        types, never pickles), claim the next version number with a conditional create, upload every file
-        (create-only), write manifest.json last (the commit point), then `settle` the version. `metadata` is merged
-        into the manifest; it must be JSON and hold no credential. Concurrent publishers get distinct versions.
+        types, never pickles), upload every file (create-only), write manifest.json last (the commit point), then
+        `settle` the version. `metadata` is merged into the manifest; it must be JSON and hold no credential.
         Raises RegistryError before the commit point: then no version was created. After it, see `settle`.
         """
-        validate_name(domain)
-        files = scan_adapter_dir(Path(local_dir))
-        extra = check_metadata(metadata or {})
-        self._conn.guard(json.dumps(extra).encode(), "the metadata")
-        version, claim = self._claim_version(domain)
-        for name, entry in files.items():
-            self._upload(domain, version, Path(local_dir) / name, name, entry)
-        return self.settle(self._commit(domain, version, claim, files, extra))
+        files, extra = self._check_upload(reservation.domain, Path(local_dir), metadata)
+        return self._upload_and_settle(reservation, Path(local_dir), files, extra)
 
     def settle(self, manifest: Manifest) -> PublishedVersion:
         """What follows a version's commit point: re-read its manifest, re-hash every file on the store, then move
@@ -347,7 +427,37 @@ class Registry:
 
     # ---------------------------------------------------------------- internals
 
-    def _claim_version(self, domain: str) -> tuple[int, bytes]:
+    def _check_upload(
+        self, domain: str, local_dir: Path, metadata: Mapping[str, Any] | None
+    ) -> tuple[dict[str, FileEntry], dict[str, Any]]:
+        """The folder's files and the manifest metadata, both refused before anything is written."""
+        files = scan_adapter_dir(local_dir)
+        extra = check_metadata(metadata or {})
+        self._conn.guard(json.dumps(extra).encode(), "the metadata")
+        return files, extra
+
+    def _upload_and_settle(
+        self, reservation: Reservation, local_dir: Path, files: dict[str, FileEntry], extra: dict[str, Any]
+    ) -> PublishedVersion:
+        for name, entry in files.items():
+            self._upload(reservation, local_dir / name, name, entry)
+        return self.settle(self._commit(reservation, files, extra))
+
+    def _lock_from_now(self) -> ObjectLock | None:
+        """The Object Lock for a version reserved now; RegistryError if retention is asked of a bucket without it."""
+        if self.retention is None:
+            return None
+        if not self._conn.call("reading the bucket's Object Lock configuration", self._conn.backend.object_lock):
+            bucket = self._conn.root.split("/", 1)[0]
+            raise RegistryError(
+                f"retention is set but bucket {bucket!r} at {self._conn.backend.describe()} has no Object Lock: create "
+                f"the bucket with Object Lock enabled (or enable versioning and then Object Lock on it), or drop "
+                f"the retention"
+            )
+        until = datetime.now(UTC) + timedelta(days=self.retention.days)
+        return ObjectLock(mode="GOVERNANCE" if self.retention.mode == "governance" else "COMPLIANCE", until=until)
+
+    def _claim_version(self, domain: str, lock: ObjectLock | None) -> tuple[int, bytes]:
         """Reserve the next version by conditional create of `v<N>/.claim`; return it and the claim's bytes.
 
         Starts above every version folder seen, complete or not; the conditional create settles races.
@@ -357,43 +467,44 @@ class Registry:
         claim = json.dumps({"claimed_at": now(), "owner": owner(), "token": uuid.uuid4().hex}).encode()
         for _ in range(1000):
             if self._conn.put_if(self._conn.path(domain, f"v{version}", CLAIM), claim, None,
-                                 f"claiming {domain} v{version}"):
+                                 f"claiming {domain} v{version}", lock):
                 return version, claim
             version += 1
         raise RegistryError(f"could not claim a version of {domain} after 1000 tries: is something looping?")
 
-    def _commit(
-        self, domain: str, version: int, claim: bytes, files: dict[str, FileEntry], metadata: dict[str, Any]
-    ) -> Manifest:
+    def _commit(self, reservation: Reservation, files: dict[str, FileEntry], metadata: dict[str, Any]) -> Manifest:
         """Write the manifest (create-only): from here on the version exists."""
+        domain, version = reservation.domain, reservation.version
         current = self._conn.read(self._conn.path(domain, f"v{version}", CLAIM), f"reading {domain} v{version} claim")
-        if current is None or current[0] != claim:
+        if current is None or current[0] != reservation.claim:
             # gc removed an upload that outlived its grace period: committing would expose missing files.
             raise RegistryError(
                 f"the claim on {domain} v{version} was removed while uploading (gc ran with a grace period "
                 f"shorter than this upload): publish again"
             )
-        earlier = [v for v in self.versions(domain) if v < version]
         manifest = Manifest.model_validate(
             {
                 "schema": SCHEMA,
                 "domain": domain,
                 "version": version,
-                "parent_version": earlier[-1] if earlier else None,
+                "parent_version": reservation.parent_version,
+                "skipped_parents": reservation.skipped_parents,
                 "created_at": now(),
                 "files": files,
                 **metadata,
             }
         )
         path = self._conn.path(domain, f"v{version}", MANIFEST)
-        if not self._conn.put_if(path, manifest.to_json(), None, f"writing {domain} v{version} manifest"):
+        if not self._conn.put_if(path, manifest.to_json(), None, f"writing {domain} v{version} manifest",
+                                 reservation.lock):
             raise RegistryError(f"{self._conn.url(path)} already exists: versions are never overwritten")
         return manifest
 
-    def _upload(self, domain: str, version: int, local: Path, name: str, entry: FileEntry) -> None:
+    def _upload(self, reservation: Reservation, local: Path, name: str, entry: FileEntry) -> None:
+        domain, version = reservation.domain, reservation.version
         what = f"uploading {domain} v{version}/{name}"
         path = self._conn.path(domain, f"v{version}", name)
-        if self._conn.call(what, lambda: self._conn.backend.upload_new(local, path)):
+        if self._conn.call(what, lambda: self._conn.backend.upload_new(local, path, reservation.lock)):
             return
         # The folder is ours by claim, so an existing file is our own retried upload whose first response was
         # lost; anything else there must not be overwritten.

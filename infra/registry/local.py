@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from infra.registry.backend import ErrorKind, StoredObject, classify_os_error, describe_error
+from infra.registry.backend import ErrorKind, ObjectLock, StoredObject, classify_os_error, describe_error
 
 
 class LocalBackend:
@@ -44,7 +44,7 @@ class LocalBackend:
             return None
         return data, hashlib.sha256(data).hexdigest()
 
-    def write_if(self, path: str, data: bytes, etag: str | None) -> bool:
+    def write_if(self, path: str, data: bytes, etag: str | None, lock: ObjectLock | None = None) -> bool:
         target = Path(path)
         if etag is None:
             return self._link_new(target, lambda tmp: tmp.write_bytes(data))
@@ -65,8 +65,14 @@ class LocalBackend:
             Path(path).unlink()
         return True
 
-    def upload_new(self, local: Path, path: str) -> bool:
+    def upload_new(self, local: Path, path: str, lock: ObjectLock | None = None) -> bool:
         return self._link_new(Path(path), lambda tmp: shutil.copyfile(local, tmp))
+
+    def object_lock(self) -> bool:
+        return False  # a folder has no retention that its owner could not undo
+
+    def lock_of(self, path: str) -> ObjectLock | None:
+        return None
 
     def download(self, path: str, local: Path) -> None:
         shutil.copyfile(path, local)

@@ -11,7 +11,7 @@ import aiohttp
 import botocore.exceptions
 import s3fs
 
-from infra.registry.backend import ErrorKind, StoredObject, classify_os_error, describe_error
+from infra.registry.backend import ErrorKind, ObjectLock, StoredObject, classify_os_error, describe_error
 from infra.registry.errors import RegistryError, no_bucket_message
 from infra.registry.integrity import CHUNK
 
@@ -85,11 +85,11 @@ class S3Backend:
                     raise
         raise RegistryError(f"s3://{path} keeps changing while being read: retry later")
 
-    def write_if(self, path: str, data: bytes, etag: str | None) -> bool:
+    def write_if(self, path: str, data: bytes, etag: str | None, lock: ObjectLock | None = None) -> bool:
         bucket, key = path.split("/", 1)
         condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
         try:
-            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition, **_lock_args(lock))
         except OSError as exc:
             # AWS and moto answer If-Match on a missing key with 404, SeaweedFS with 412.
             if _precondition_failed(exc) or (etag is not None and isinstance(exc, FileNotFoundError)):
@@ -107,15 +107,35 @@ class S3Backend:
             raise
         return True
 
-    def upload_new(self, local: Path, path: str) -> bool:
+    def upload_new(self, local: Path, path: str, lock: ObjectLock | None = None) -> bool:
         try:
-            # mode="create" sends If-None-Match: * on the PUT, or on CompleteMultipartUpload for big files.
-            self.fs.put_file(str(local), path, mode="create")
+            # mode="create" sends If-None-Match: * on the PUT, or on CompleteMultipartUpload for big files; the
+            # lock goes on the PUT or on CreateMultipartUpload.
+            self.fs.put_file(str(local), path, mode="create", **_lock_args(lock))
         except OSError as exc:
             if _precondition_failed(exc):
                 return False
             raise
         return True
+
+    def object_lock(self) -> bool:
+        try:
+            answer = self.fs.call_s3("get_object_lock_configuration", Bucket=self.bucket)
+        except OSError as exc:
+            error = _client_error(exc)
+            # AWS and moto: ObjectLockConfigurationNotFoundError (404) when the bucket was made without it.
+            if isinstance(exc, FileNotFoundError) or (error is not None and _status(error) == 404):
+                return False
+            raise
+        return answer.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+
+    def lock_of(self, path: str) -> ObjectLock | None:
+        bucket, key = path.split("/", 1)
+        # Without s3:GetObjectRetention, AWS leaves the lock headers out rather than refusing the HEAD.
+        head = self.fs.call_s3("head_object", Bucket=bucket, Key=key)
+        if head.get("ObjectLockMode") not in ("GOVERNANCE", "COMPLIANCE"):
+            return None
+        return ObjectLock(mode=head["ObjectLockMode"], until=head["ObjectLockRetainUntilDate"])
 
     def download(self, path: str, local: Path) -> None:
         self.fs.get_file(path, str(local))
@@ -144,6 +164,10 @@ class S3Backend:
                 self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 aborted.append(f"{bucket}/{upload['Key']}")
         return aborted
+
+
+def _lock_args(lock: ObjectLock | None) -> dict[str, Any]:
+    return {} if lock is None else {"ObjectLockMode": lock.mode, "ObjectLockRetainUntilDate": lock.until}
 
 
 def _client_error(exc: BaseException) -> botocore.exceptions.ClientError | None:

@@ -1,0 +1,233 @@
+"""Parents under contention and tampering, through the real publish stage on file://, moto and SeaweedFS; and the
+publish stage's model work on one base load.
+
+The runs are finished run folders written here (a real PEFT adapter on a tiny random Llama, its result.json and
+history), so publishing needs no Ray. In the parent tests it loads no model either: ``audit_prompts`` is 0 and every
+gate compares stored losses, except where production's version fails verification and the gate refuses to evaluate it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from infra.registry import Registry
+from lora.config import Config
+from pipelines import publish
+from pipelines.cli import app
+from pipelines.records import RESULT_FILE, RunInfo, RunRecord
+from pipelines.run_folder import data_fingerprint
+from tests.conftest import DATA
+from tests.s3_fixtures import MOTO_BUCKET, moto_options
+
+WEIGHTS = "adapter_model.safetensors"
+PUBLISHERS = 6
+
+
+@dataclass(frozen=True)
+class Place:
+    """A fresh registry location, and the raw filesystem under it (to tamper as another writer would)."""
+
+    url: str
+    options: dict[str, str]
+    fs: fsspec.AbstractFileSystem
+    root: str
+
+
+@pytest.fixture(params=["file", "moto", "seaweedfs"])
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> Place:
+    if request.param == "file":
+        root = str(tmp_path / "registry")
+        return Place(f"file://{root}", {}, fsspec.filesystem("file", auto_mkdir=True), root)
+    if request.param == "moto":
+        url = f"s3://{MOTO_BUCKET}/test-{uuid.uuid4().hex[:12]}"
+        options = moto_options(request.getfixturevalue("moto_server"))
+    else:
+        url = request.getfixturevalue("registry_url")
+        options = request.getfixturevalue("s3_store").storage_options()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False, **options)
+    return Place(url, options, fs, url.removeprefix("s3://"))
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real PEFT LoRA (r=2, random A and B) on a tiny random Llama, as save_pretrained writes it."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    path = tmp_path_factory.mktemp("adapter")
+    get_peft_model(base, lora).save_pretrained(path)
+    return path
+
+
+def config_of(place: Place, data: Path = DATA) -> dict[str, Any]:
+    return {
+        "domains": [{"name": "medical", "train": str(data / "medical/train.jsonl"),
+                     "eval": str(data / "medical/eval.jsonl"), "intended_use": "tests of parents",
+                     "limitations": "random adapter"}],
+        "publish": {"registry": place.url, "storage_options": place.options, "audit_prompts": 0},
+    }
+
+
+def finished_run(folder: Path, adapter: Path, name: str, eval_loss: float, eval_sha256: str = "e" * 64) -> Path:
+    """A finished run folder of domain medical: the adapter, its history and result.json (losses as given)."""
+    run_dir = folder / name
+    (run_dir / "adapter").mkdir(parents=True)
+    for source in adapter.iterdir():
+        (run_dir / "adapter" / source.name).write_bytes(source.read_bytes())
+    (run_dir / "history.json").write_text(json.dumps(
+        [{"step": 0, "eval_loss": 2.0}, {"step": 1, "train_loss": 1.5, "eval_loss": eval_loss}]))
+
+    def split(sha256: str) -> dict[str, Any]:
+        return {"url": "data.jsonl", "sha256": sha256, "examples_read": 8, "examples_kept": 8, "dropped_overlong": 0,
+                "truncated_overlong": 0, "tokens": 800, "target_tokens": 400}
+
+    info = RunInfo(domain="medical", task="causal_lm", method="lora", labels=None,
+                   base_model={"id": "tests/tiny-llama", "revision": None, "weights_sha256": "0" * 64},
+                   trainable_params=128, total_params=10_000, total_steps=1,
+                   data={"train": split("t" * 64), "eval": split(eval_sha256)},
+                   hardware={"device": "cpu", "workers": 1, "use_gpu": False, "cpus_per_worker": 1.0},
+                   compute_dtype="float32", kernels="none", checks=[], resumed_from_step=[])
+    RunRecord(domain="medical", run_name=name, steps=1, base_eval_loss=2.0, eval_loss=eval_loss, eval_accuracy=None,
+              base_eval_accuracy=None, trainable_params=128, total_params=10_000, train_seconds=1.0,
+              wall_seconds=2.0, config={}, info=info, output_dir=run_dir).write(run_dir / RESULT_FILE)
+    return run_dir
+
+
+def published_audit(registry: Registry, version: int, folder: Path) -> dict[str, Any]:
+    pulled = registry.pull("medical", version, folder / f"v{version}")  # verified: every hash checked
+    return json.loads((pulled / "audit.json").read_text()) | {"audit.md": (pulled / "audit.md").read_text()}
+
+
+def test_concurrent_publishes_name_one_parent_in_audit_and_manifest(place: Place, adapter_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    cfg = Config.model_validate(config_of(place))
+    runs = [finished_run(tmp_path / "runs", adapter_dir, f"medical-run{i}", eval_loss=1.0 - i / 100)
+            for i in range(PUBLISHERS + 1)]
+    assert publish.run(cfg, "medical", runs[0]).published.version == 1  # every publisher below has a parent
+    start = threading.Barrier(PUBLISHERS)
+
+    def publish_one(run_dir: Path) -> int:
+        start.wait()
+        return publish.run(cfg, "medical", run_dir).published.version
+
+    with ThreadPoolExecutor(PUBLISHERS) as pool:
+        versions = list(pool.map(publish_one, runs[1:]))
+
+    registry = Registry(place.url, place.options or None)
+    assert sorted(versions) == list(range(2, PUBLISHERS + 2))
+    assert registry.versions("medical") == list(range(1, PUBLISHERS + 2))
+    for version in range(1, PUBLISHERS + 2):
+        manifest = registry.verify("medical", version)
+        audit = published_audit(registry, version, tmp_path / "pulled")
+        parent = manifest.parent_version
+        assert audit["prepared_as_version"] == version
+        assert audit["change_log"]["parent_version"] == parent, f"v{version}"
+        assert manifest.skipped_parents == []
+        if version == 1:
+            assert parent is None
+            continue
+        assert parent is not None and parent < version
+        assert "- Parent version: v%d\n" % parent in audit["audit.md"]
+        # The change log's facts are the parent's: its stored loss (same eval set), not another version's.
+        parent_loss = registry.manifest("medical", parent).metadata["metrics"]["eval_loss"]
+        assert audit["validation"]["metrics"]["parent_eval_loss"] == parent_loss
+        assert audit["change_log"]["metric_deltas"]["eval_loss"] == pytest.approx(
+            manifest.metadata["metrics"]["eval_loss"] - parent_loss)
+        [check] = [c for c in audit["validation"]["checks"] if c["name"] == "earlier versions verified on the store"]
+        assert check["status"] == "passed" and f"parent v{parent}:" in check["evidence"]
+
+
+def test_tampered_newest_version_is_skipped_as_parent_and_listed(place: Place, adapter_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    raw = config_of(place)
+    cfg = Config.model_validate(raw)
+    runs = tmp_path / "runs"
+    publish.run(cfg, "medical", finished_run(runs, adapter_dir, "medical-a", eval_loss=1.0))
+    second = publish.run(cfg, "medical", finished_run(runs, adapter_dir, "medical-b", eval_loss=0.9))
+    assert second.gate.decision == "promoted" and second.published.version == 2
+    # Another client with write access alters the newest version's weights, same size.
+    path = f"{place.root}/medical/v2/{WEIGHTS}"
+    data = bytearray(place.fs.cat_file(path))
+    data[len(data) // 2] ^= 0xFF
+    place.fs.pipe_file(path, bytes(data))
+
+    # New eval data: the gate would evaluate production (v2) here, and refuses to, as it fails verification.
+    third = publish.run(cfg, "medical", finished_run(runs, adapter_dir, "medical-c", 0.8, eval_sha256="f" * 64))
+
+    registry = Registry(place.url, place.options or None)
+    assert third.published.version == 3 and third.published.unverified is None and third.warnings == []
+    manifest = registry.verify("medical", 3)
+    assert manifest.parent_version == 1
+    [skipped] = manifest.skipped_parents
+    assert skipped.version == 2 and WEIGHTS in skipped.reason and "sha256" in skipped.reason
+    audit = published_audit(registry, 3, tmp_path / "pulled")
+    assert audit["change_log"]["parent_version"] == 1
+    assert audit["validation"]["metrics"]["parent_eval_loss"] is None  # v1 was evaluated on the other eval set
+    [check] = [c for c in audit["validation"]["checks"] if c["name"] == "earlier versions verified on the store"]
+    assert check["status"] == "failed"
+    assert check["evidence"].startswith("parent v1: every file re-hashed on the store matched its manifest")
+    assert f"v2 skipped: {skipped.reason}" in check["evidence"]
+    assert f"earlier versions verified on the store: **failed** — {check['evidence']}" in audit["audit.md"]
+    assert third.gate.decision == "not promoted" and "it fails verification" in third.gate.reason
+    assert registry.alias("medical", "production").version == 2 and registry.resolve("medical") == 3
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    listed = CliRunner().invoke(app, ["list", "medical", "-c", str(config)])
+    assert listed.exit_code == 0, listed.output
+    assert f"FAILED medical v2: failed verification when v3 was published: {skipped.reason}" in listed.output
+    assert "FAILED medical v1" not in listed.output and "FAILED medical v3" not in listed.output
+    verified = CliRunner().invoke(app, ["list", "medical", "-c", str(config), "--verify"])
+    assert verified.exit_code == 0, verified.output
+    assert "FAILED medical v2: medical v2: 'adapter_model.safetensors' has sha256" in verified.output
+    assert verified.output.count("FAILED") == 2  # v2's row and its line below the table
+
+    # The next publish follows v3, which verifies: nothing is skipped any more.
+    fourth = publish.run(cfg, "medical", finished_run(runs, adapter_dir, "medical-d", 0.7, eval_sha256="f" * 64))
+    assert fourth.published.manifest.parent_version == 3 and fourth.published.manifest.skipped_parents == []
+
+
+def test_publish_measures_production_and_answers_the_samples_on_one_model(tiny_model_dir: Path, small_data: Path,
+                                                                          tmp_path: Path) -> None:
+    """Production evaluated on other data: the base and both adapters are measured on this run's eval set, and the
+    audit samples answered, by one model (``publish.model_work``, the stage's one load of the base)."""
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    adapter = tmp_path / "adapter"
+    get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(adapter)
+    raw = config_of(Place(f"file://{tmp_path / 'registry'}", {}, fsspec.filesystem("file"), ""), small_data) | {
+        "model": {"id": str(tiny_model_dir), "logical_id": "tests/tiny-llama"},
+        "train": {"max_seq_len": 256, "micro_batch_size": 4}}
+    raw["publish"] |= {"audit_prompts": 1, "audit_max_new_tokens": 4}
+    cfg = Config.model_validate(raw)
+    eval_sha256 = data_fingerprint(cfg.domain("medical"))["eval"]
+    first = publish.run(cfg, "medical", finished_run(tmp_path / "runs", adapter, "medical-a", 1.0))
+    assert first.gate.decision == "promoted" and len(first.published.manifest.files) == 7
+
+    second = publish.run(cfg, "medical", finished_run(tmp_path / "runs", adapter, "medical-b", 0.9, eval_sha256))
+
+    gate = second.gate
+    assert gate.current_version == 1 and gate.compared_on.startswith("both adapters and the base evaluated at this")
+    # One adapter published twice, measured in the same model: the same loss, and not the base's.
+    assert gate.current_eval_loss == gate.new_eval_loss != gate.base_eval_loss
+    registry = Registry(raw["publish"]["registry"])
+    audit = published_audit(registry, 2, tmp_path / "pulled")
+    [sample] = audit["samples"]
+    first_eval = json.loads((small_data / "medical/eval.jsonl").read_text().splitlines()[0])
+    assert sample["prompt"] == [m for m in first_eval["messages"] if m["role"] == "user"][-1]["content"]
+    assert audit["validation"]["gate"] == gate.model_dump(mode="json")
