@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -217,19 +218,26 @@ def dispatch_backend(quant: Quantization, use_gpu: bool, local_rank: int = 0) ->
     return Backend(device=device, compute_dtype=compute_dtype, four_bit=four_bit)
 
 
-def check_bitsandbytes() -> None:
-    """4-bit NF4 needs bitsandbytes >= 0.50 (the first release with 4-bit and 8-bit optimizers on CPU)."""
+def check_bitsandbytes(load: bool = True) -> None:
+    """4-bit NF4 needs bitsandbytes >= 0.50 (the first release with 4-bit and 8-bit optimizers on CPU). ``load=False``
+    reads the installed version without importing it: the driver's check before Ray starts, where the import would
+    cost 5 s (2-core CPU) to 10 s (GPU node) a command; the workers, which use it, import it and find a broken one."""
     try:
-        import bitsandbytes
+        if load:
+            import bitsandbytes
+
+            version = bitsandbytes.__version__
+        else:
+            version = importlib.metadata.version("bitsandbytes")
     except Exception as e:  # a broken install raises all sorts of errors at import
         raise BackendError(
             f"quant.mode=nf4 needs a working bitsandbytes>=0.50 ({type(e).__name__}: {e}); "
             "install it, or set quant.mode=none for plain LoRA"
         ) from None
-    major, minor = (int(x) for x in bitsandbytes.__version__.split(".")[:2])
+    major, minor = (int(x) for x in version.split(".")[:2])
     if (major, minor) < (0, 50):
         raise BackendError(
-            f"quant.mode=nf4 needs bitsandbytes>=0.50 on this machine, found {bitsandbytes.__version__}; "
+            f"quant.mode=nf4 needs bitsandbytes>=0.50 on this machine, found {version}; "
             "upgrade it, or set quant.mode=none"
         )
 

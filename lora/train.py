@@ -33,11 +33,12 @@ GPU_BATCH_TOKENS = 16384
 """``train.batch_tokens`` of a GPU run of a causal LM whose config leaves it unset (``gpu_batch_tokens``): on an H200
 the 1B shape in 4-bit trained 27k real tokens/s at 16k tokens a step and 30.5k at 32k, for 5 GiB instead of 9
 (bench/results/realdata_h200.md); 8B: 6.6k and 6.9k, for 15 GiB instead of 25."""
-ACTIVATION_BYTES = {True: 10, False: 200}
+ACTIVATION_BYTES = {True: 10, False: 100}
 """Activation bytes a packed step keeps per token, per unit of hidden size x layers, with and without gradient
-checkpointing. With it: 9.3 (1B shape) and 5.7 (8B), the growth of the peak memory between budgets of 8k to 32k tokens
-on an H200, rounded up. Without it: an estimate, not measured: the inputs of every linear layer, the MLP's intermediate
-activations and the attention outputs of each layer in bf16, about 20x more for Llama shapes."""
+checkpointing, from the growth of the peak memory between budgets on an H200, rounded up. With it: 9.3 (1B shape)
+and 5.7 (8B) between 8k and 32k tokens (torch's peak allocation). Without it: 83 (1B shape, ``loramill train`` with
+Liger kernels, nvidia-smi's peak between 8k, 16k and 32k tokens; bench/results/ddp_h200.md); 200, the estimate it
+replaced, halved the 1B shape's budget to 8k tokens on an H200, 1.33x slower than 16k for 44 of 140 GiB."""
 HISTORY_FILE = "history.json"
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"
 """What ``lora.method`` last_layers or full writes instead of a PEFT adapter: the trained tensors, by their names in

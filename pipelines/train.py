@@ -74,7 +74,7 @@ def preflight(cfg: Config, domains: list[Domain]) -> dict[str, dict[str, str]]:
     domain's data fingerprint (``data_fingerprint``)."""
     fingerprints = {domain.name: data_fingerprint(domain) for domain in domains}
     if cfg.quant.mode == "nf4":
-        check_bitsandbytes()
+        check_bitsandbytes(load=False)
     resolve_model_dir(cfg.model)  # fill the model cache here, once, rather than in every worker at once
     ensure_ray(cfg)
     check_fit(cfg, domains)

@@ -1,6 +1,7 @@
 """Model side: 4-bit NF4 on CPU, the trainable-count check, resumable training state, the cached weights hash."""
 
 import hashlib
+import importlib.metadata
 import json
 import os
 
@@ -97,6 +98,11 @@ def test_missing_bitsandbytes_and_cuda_are_refused(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # import now raises ImportError
     with pytest.raises(BackendError, match="set quant.mode=none"):
         check_bitsandbytes()
+    # The driver's check reads the installed version without importing it.
+    check_bitsandbytes(load=False)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.49.1")
+    with pytest.raises(BackendError, match="found 0.49.1; upgrade it"):
+        check_bitsandbytes(load=False)
 
 
 @pytest.mark.parametrize("batch_tokens", [None, 512], ids=["padded", "packed"])
