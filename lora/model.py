@@ -11,6 +11,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ from torch import nn
 from lora.config import ConfigError, LoraSettings, ModelSource, Quantization, is_local_path
 from lora.files import atomic_folder, exclusive_lock, file_sha256, write_text_atomic
 from lora.errors import BackendError
+
+# peft 0.21.2 reads ``model.is_gradient_checkpointing`` whenever it wraps a model, and transformers 5.23 warns that
+# the property is deprecated: a FutureWarning in every run's log that no loramill setting can act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 CLASSIFIER_HEADS = ("classifier", "score")
 """Attribute names of the classification head in transformers' *ForSequenceClassification models (peft's
