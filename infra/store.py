@@ -89,7 +89,8 @@ def store_up(root: Path, *, s3_port: int | None = None, timeout_s: float = READY
     """Start the store under `root`, or return the running one.
 
     `s3_port` only matters the first time (afterwards the saved ports are reused): None takes 8333 when it is
-    free and any free port otherwise; 0 takes any free port. The bucket `loramill` is created on the first up.
+    free and any free port otherwise; 0 takes any free port. The bucket `loramill` is created with S3 Object Lock
+    on the first up; one made without it (by an older loramill) gets it when the store starts.
     Returns once a real PUT succeeds. Raises StoreError if `weed` is missing, a saved port is taken, or the
     server is not ready within `timeout_s` (the message carries the log tail, never the secret).
     """
@@ -329,9 +330,10 @@ def _wait_ready(root: Path, info: StoreInfo, timeout_s: float) -> None:
             raise StoreError(f"the store server exited during start-up.\n{_log_tail(root, info.secret)}")
         try:
             _ensure_bucket(client, info.bucket)
-            # A root-level key: an emptied "directory" would stay listed as a prefix in SeaweedFS.
-            client.put_object(Bucket=info.bucket, Key=".ready-probe", Body=b"ok")
-            client.delete_object(Bucket=info.bucket, Key=".ready-probe")
+            # A root-level key: an emptied "directory" would stay listed as a prefix in SeaweedFS. Deleted by
+            # version id: in the versioned bucket a plain delete would only hide it behind a delete marker.
+            probe = client.put_object(Bucket=info.bucket, Key=".ready-probe", Body=b"ok")
+            client.delete_object(Bucket=info.bucket, Key=".ready-probe", VersionId=probe["VersionId"])
             return
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             last_error = type(exc).__name__
@@ -343,6 +345,12 @@ def _wait_ready(root: Path, info: StoreInfo, timeout_s: float) -> None:
 
 
 def _ensure_bucket(client: Any, bucket: str) -> None:
+    """The bucket exists with S3 Object Lock, so that the registry can write versions once (`publish.retention_days`).
+
+    A bucket made by an older loramill, without it, gets versioning and then Object Lock: SeaweedFS 4.48, like AWS,
+    refuses Object Lock on an unversioned bucket (InvalidBucketState). Object Lock cannot be turned off again,
+    and versioning only suspended.
+    """
     import botocore.exceptions
 
     try:
@@ -350,7 +358,17 @@ def _ensure_bucket(client: Any, bucket: str) -> None:
     except botocore.exceptions.ClientError as exc:
         if exc.response["ResponseMetadata"]["HTTPStatusCode"] != 404:
             raise
-        client.create_bucket(Bucket=bucket)
+        client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+        return
+    try:
+        enabled = client.get_object_lock_configuration(Bucket=bucket)["ObjectLockConfiguration"]["ObjectLockEnabled"]
+    except botocore.exceptions.ClientError as exc:
+        if exc.response["ResponseMetadata"]["HTTPStatusCode"] != 404:  # ObjectLockConfigurationNotFoundError
+            raise
+        enabled = None
+    if enabled != "Enabled":
+        client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+        client.put_object_lock_configuration(Bucket=bucket, ObjectLockConfiguration={"ObjectLockEnabled": "Enabled"})
 
 
 def _log_tail(root: Path, secret: str, lines: int = 30) -> str:

@@ -190,6 +190,35 @@ class Publish(Section):
     audit_prompts: int = Field(3, ge=0, le=20)
     """Held-out prompts answered by base and adapter side by side in the audit."""
     audit_max_new_tokens: int = Field(48, gt=0, le=512)
+    """Tokens each audit answer may generate (greedy), for the base and the adapter alike."""
+    retention_days: int | None = Field(None, ge=1)
+    """Write-once versions: every object of a version is written under S3 Object Lock and kept this many days from
+    when its number is reserved; until then no client can delete or change it (an overwrite only adds a newer object
+    version, which a verified pull refuses). Needs a bucket with Object Lock: a publish to one without it is refused
+    before anything is written. None: no retention, except on ``embedded`` (its bucket always has Object Lock),
+    where versions are kept 30 days."""
+    retention_mode: Literal["governance", "compliance"] = "governance"
+    """``governance``: identities granted s3:BypassGovernanceRetention (the embedded store's admin key is one) can
+    still remove a version early; ``compliance``: nobody can, not even the account's root user, until it ends."""
+
+    @field_validator("retention_days")
+    @classmethod
+    def _retention_needs_object_lock(cls, days: int | None, info: Any) -> int | None:
+        registry = info.data.get("registry", "")
+        if days is not None and registry.startswith("file://"):
+            raise ValueError(f"retention needs S3 Object Lock, and {registry} is a folder whose owner can always "
+                             "change it: publish to registry=embedded or an s3:// bucket created with Object Lock, "
+                             "or remove retention_days")
+        return days
+
+    def retention_in_effect(self) -> tuple[Literal["governance", "compliance"], int] | None:
+        """(mode, days) every object of a version is written with, or None: ``retention_days``, else 30 days on the
+        embedded store. A month outlasts a demo and costs it nothing: loramill never deletes a published version,
+        ``loramill gc`` still hides abandoned uploads (behind delete markers), and in governance mode the store's own
+        admin key can remove a version early."""
+        if self.retention_days is not None:
+            return self.retention_mode, self.retention_days
+        return (self.retention_mode, 30) if self.registry == "embedded" else None
 
 
 class Tracking(Section):

@@ -1,7 +1,8 @@
 """Publish stage: a finished run -> a new immutable registry version with its audit, then the promotion gate.
 
-``run`` reads: run record -> the version this very run was already published as, if any -> ΔW and samples -> gate
-decision (on one eval set) -> the version number reserved together with its parent (the newest earlier version that
+``run`` reads: run record -> the version this very run was already published as, if any -> ΔW -> the model work
+(audit samples, the gate's evaluation) as a Ray task with a training worker's resources -> gate decision (on one eval
+set) -> the version number reserved together with its parent (the newest earlier version that
 passes verification; its manifest) -> the audit record and its renderings -> publish with typed manifest metadata ->
 promote. The gate is decided before publishing so that the immutable audit records the decision and its numbers.
 
@@ -16,13 +17,16 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import pipelines.ray_session  # noqa: F401  (sets Ray's environment before ray is imported)
+import ray
 from pydantic import ValidationError
 
 from infra.registry import (
@@ -43,6 +47,7 @@ from lora.redact import drop_storage_options, redact_url
 from lora.train import HISTORY_FILE
 from pipelines import audit as audit_docs
 from pipelines.audit import Parent
+from pipelines.cluster import check_fit, worker_resources
 from pipelines.gate import Candidate, Incumbent, decide, stored_incumbent
 from pipelines.records import (
     RESULT_FILE,
@@ -59,6 +64,7 @@ from pipelines.records import (
     TrainedOn,
     eval_set_fingerprint,
 )
+from pipelines.ray_session import ensure_ray
 from pipelines.registry_access import open_registry
 from pipelines.tracking import record_published
 
@@ -117,18 +123,18 @@ def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False, se
         adapter_config = json.loads((staging / "adapter_config.json").read_text())
         deltas = adapter_deltas(staging)
         incumbent, current = gate_incumbent(registry, cfg, domain.name, record, eval_set, Path(gate_dir) / "current")
-        samples, losses = model_work(cfg, domain, record, staging, current)
-        gate_decision = apply_gate(cfg, record, eval_set, incumbent, losses, force)
+        work = model_work_on_cluster(cfg, domain, record, staging, current)
+        gate_decision = apply_gate(cfg, record, eval_set, incumbent, work.losses, force)
         audit_docs.plot_losses(history, staging / "loss_curves.png")
         audit_docs.plot_deltas(deltas, staging / "delta_w.png")
         # The version number and its parent are decided together, once the slow work is done and before any
         # document names either: the audit, its change log and the manifest all state this one decision.
         reservation = registry.reserve(domain.name)
         checks = [*record.info.checks, below_base_check(record, eval_set), gate_check(gate_decision),
-                  samples_check(cfg, samples), parent_check(reservation)]
+                  samples_check(cfg, work), parent_check(reservation)]
         audit = audit_docs.build_audit(
             cfg=cfg, domain=domain, run=record, version=reservation.version, adapter_config=adapter_config,
-            deltas=deltas, samples=samples, search=search, parent=parent_of(registry, reservation),
+            deltas=deltas, samples=work.samples, search=search, parent=parent_of(registry, reservation),
             gate=gate_decision, checks=checks, public_config=public_config, eval_set=eval_set,
             data_sources={"train": public_source(domain.train), "eval": public_source(domain.eval)},
         )
@@ -326,15 +332,77 @@ def trained_elsewhere(manifest: Manifest, record: RunRecord, cfg: Config) -> str
     return None
 
 
-def model_work(cfg: Config, domain: Domain, record: RunRecord, candidate: Path,
-               current: Path | None) -> tuple[list[Sample], dict[str | None, float] | None]:
-    """All of publishing's model work on one load of the base, or none when there is nothing to do: the audit
+@dataclass(frozen=True)
+class ModelWork:
+    """What publishing's model work measured, and where it ran."""
+
+    samples: list[Sample]
+    losses: dict[str | None, float] | None
+    """Eval losses of the base (key None), ``candidate`` and ``current``; None when no ``current`` was measured."""
+    device: str | None = None
+    """Where the base was loaded (``cpu``, ``cuda:0``); None when there was no model work."""
+    node_id: str | None = None
+    """The Ray node of the task that did it."""
+    pid: int | None = None
+    """The process of that task."""
+
+
+def model_work_on_cluster(cfg: Config, domain: Domain, record: RunRecord, candidate: Path,
+                          current: Path | None) -> ModelWork:
+    """``model_work`` as a Ray task with the resources of one of the domain's training workers (a GPU when
+    ``cluster.use_gpu``), so that the driver, often a small CPU-only head, never loads the base. Ray is started or
+    joined only when there is model work. Raises what ``model_work`` raises (``DataError``, ``BackendError``, ...),
+    as it raised it; ``ConfigError`` when no node can hold such a worker."""
+    if cfg.publish.audit_prompts == 0 and current is None:
+        return ModelWork([], None)
+    ensure_ray(cfg)
+    check_fit(cfg, [domain])
+    need = worker_resources(cfg, domain)
+    # The adapters travel as bytes instead of the task being pinned to this node: on a cluster with a CPU-only head
+    # the driver's node cannot hold a GPU worker, and both adapter folders are this process's temporary folders.
+    # An 8B r=16 all-linear adapter is 168 MB, copied once through Ray's object store. The base and the eval file
+    # are read where the task runs, as a training worker of the domain reads them.
+    adapters = {"candidate": adapter_files(candidate)} | ({"current": adapter_files(current)} if current else {})
+    task = model_work_task.options(num_cpus=need.pop("CPU"), num_gpus=need.pop("GPU", 0), resources=need)
+    try:
+        return ray.get(task.remote(cfg.model_dump(), domain.name, record, adapters))
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, Exception):  # as pipelines/train.py: the error itself, not Ray's remote traceback
+            raise error.cause from None
+        raise
+
+
+@ray.remote
+def model_work_task(cfg_dict: dict[str, Any], domain_name: str, record: RunRecord,
+                    adapters: dict[str, dict[str, bytes]]) -> ModelWork:
+    """``model_work`` where Ray placed it, on the adapters' files written to a temporary folder there."""
+    import torch
+
+    cfg = Config.model_validate(cfg_dict)
+    torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))  # the CPUs reserved, as a training worker
+    with tempfile.TemporaryDirectory(prefix="loramill-model-work-") as folder:
+        for name, files in adapters.items():
+            (Path(folder) / name).mkdir()
+            for file_name, data in files.items():
+                (Path(folder) / name / file_name).write_bytes(data)
+        work = model_work(cfg, cfg.domain(domain_name), record,
+                          Path(folder) / "candidate", Path(folder) / "current" if "current" in adapters else None)
+    return replace(work, node_id=ray.get_runtime_context().get_node_id(), pid=os.getpid())
+
+
+def adapter_files(folder: Path) -> dict[str, bytes]:
+    """The bytes of an adapter folder's ``ADAPTER_FILES``: all that loading it needs."""
+    return {name: (folder / name).read_bytes() for name in ADAPTER_FILES}
+
+
+def model_work(cfg: Config, domain: Domain, record: RunRecord, candidate: Path, current: Path | None) -> ModelWork:
+    """All of publishing's model work on one load of the base, here, or none when there is nothing to do: the audit
     samples (held-out prompts answered by the base and by the ``candidate`` adapter) and, with ``current``, the eval
     losses of the base (key None), ``candidate`` and ``current`` on the run's held-out set, with the examples, cap
     and batch size training used. ``DataError`` if the eval file changed since the run was trained."""
     prompts = held_out_prompts(cfg, domain)
     if not prompts and current is None:
-        return [], None
+        return ModelWork([], None)
     import torch
     import transformers
 
@@ -346,7 +414,7 @@ def model_work(cfg: Config, domain: Domain, record: RunRecord, candidate: Path,
     transformers.utils.logging.disable_progress_bar()
     classify = cfg.task == "sequence_classification"
     model_dir = resolve_model_dir(cfg.model)
-    backend = dispatch_backend(cfg.quant, use_gpu=False)
+    backend = dispatch_backend(cfg.quant, use_gpu=cfg.cluster.use_gpu)
     tokenizer = load_tokenizer(cfg.model, model_dir, chat=not classify)
     examples = eval_examples(cfg, domain, record, tokenizer) if current else None  # a changed file fails fast
     torch.manual_seed(cfg.train.seed)  # a classifier's new head: initialised as in training
@@ -364,7 +432,7 @@ def model_work(cfg: Config, domain: Domain, record: RunRecord, candidate: Path,
         with use_adapter(model, "candidate"):
             answers = classify_side_by_side(model, tokenizer, prompts, cfg.train.max_seq_len) if classify else \
                 side_by_side(model, tokenizer, prompts, cfg.publish.audit_max_new_tokens)
-    return [Sample.model_validate(answer) for answer in answers], losses
+    return ModelWork([Sample.model_validate(answer) for answer in answers], losses, str(backend.device))
 
 
 def eval_examples(cfg: Config, domain: Domain, record: RunRecord, tokenizer: Any) -> list[Any]:
@@ -406,11 +474,12 @@ def gate_check(gate_decision: GateDecision) -> Check:
                  evidence=f"{gate_decision.decision}: {gate_decision.reason}{compared}")
 
 
-def samples_check(cfg: Config, samples: list[Sample]) -> Check:
+def samples_check(cfg: Config, work: ModelWork) -> Check:
     name = "held-out prompts answered by base and adapter side by side"
-    if not samples:
+    if not work.samples:
         return Check(name=name, status="not run", evidence="publish.audit_prompts is 0")
-    return Check(name=name, status="passed", evidence=f"{len(samples)} prompts, greedy, on CPU (section 9)")
+    return Check(name=name, status="passed", evidence=f"{len(work.samples)} prompts, greedy, on {work.device} in a "
+                                                      f"Ray task on node {work.node_id} (section 9)")
 
 
 def parent_check(reservation: Reservation) -> Check:

@@ -1,14 +1,16 @@
 """Parents under contention and tampering, through the real publish stage on file://, moto and SeaweedFS; and the
-publish stage's model work on one base load.
+publish stage's model work on one base load, in a Ray task.
 
 The runs are finished run folders written here (a real PEFT adapter on a tiny random Llama, its result.json and
-history), so publishing needs no Ray. In the parent tests it loads no model either: ``audit_prompts`` is 0 and every
-gate compares stored losses, except where production's version fails verification and the gate refuses to evaluate it.
+history), so publishing trains nothing. In the parent tests it loads no model and starts no Ray either:
+``audit_prompts`` is 0 and every gate compares stored losses, except where production's version fails verification
+and the gate refuses to evaluate it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +28,10 @@ from typer.testing import CliRunner
 
 from infra.registry import Registry
 from lora.config import Config
+from lora.errors import DataError
 from pipelines import publish
 from pipelines.cli import app
-from pipelines.records import RESULT_FILE, RunInfo, RunRecord
+from pipelines.records import RESULT_FILE, RunInfo, RunRecord, Sample
 from pipelines.run_folder import data_fingerprint
 from tests.conftest import DATA
 from tests.s3_fixtures import MOTO_BUCKET, moto_options
@@ -202,10 +205,11 @@ def test_tampered_newest_version_is_skipped_as_parent_and_listed(place: Place, a
     assert fourth.published.manifest.parent_version == 3 and fourth.published.manifest.skipped_parents == []
 
 
-def test_publish_measures_production_and_answers_the_samples_on_one_model(tiny_model_dir: Path, small_data: Path,
-                                                                          tmp_path: Path) -> None:
+def test_publish_measures_production_and_answers_the_samples_on_one_model(ray_cluster: Any, tiny_model_dir: Path,
+                                                                          small_data: Path, tmp_path: Path) -> None:
     """Production evaluated on other data: the base and both adapters are measured on this run's eval set, and the
-    audit samples answered, by one model (``publish.model_work``, the stage's one load of the base)."""
+    audit samples answered, by one model (``publish.model_work``, the stage's one load of the base), in a Ray task
+    with a training worker's resources, not in the driver; its errors reach the caller as they were raised."""
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     adapter = tmp_path / "adapter"
@@ -231,3 +235,19 @@ def test_publish_measures_production_and_answers_the_samples_on_one_model(tiny_m
     first_eval = json.loads((small_data / "medical/eval.jsonl").read_text().splitlines()[0])
     assert sample["prompt"] == [m for m in first_eval["messages"] if m["role"] == "user"][-1]["content"]
     assert audit["validation"]["gate"] == gate.model_dump(mode="json")
+    [check] = [c for c in audit["validation"]["checks"] if c["name"].startswith("held-out prompts answered")]
+    driver_node = ray_cluster.get_runtime_context().get_node_id()
+    assert check["evidence"] == f"1 prompts, greedy, on cpu in a Ray task on node {driver_node} (section 9)"
+
+    record = RunRecord.load(finished_run(tmp_path / "runs", adapter, "medical-c", 0.9, eval_sha256))
+    work = publish.model_work_on_cluster(cfg, cfg.domain("medical"), record, adapter, None)
+    assert work.pid is not None and work.pid != os.getpid() and work.node_id == driver_node
+    assert work.device == "cpu" and work.samples == [Sample.model_validate(s) for s in audit["samples"]]
+
+    # An eval file that changed since the run was trained: the task's DataError itself, not Ray's remote traceback.
+    changed = finished_run(tmp_path / "runs", adapter, "medical-d", 0.9, eval_sha256="d" * 64)
+    with pytest.raises(DataError) as caught:
+        publish.run(cfg, "medical", changed)
+    assert type(caught.value) is DataError
+    assert str(caught.value).endswith("changed since run medical-d was trained on it; train again before publishing, "
+                                      "so that the audit describes the data the adapter was evaluated on")

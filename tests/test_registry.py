@@ -35,7 +35,9 @@ from infra.registry import (
     validate_name,
 )
 from infra.store import StoreInfo
+from lora.config import load_config
 from pipelines.cli import app
+from pipelines.registry_access import open_registry
 from tests.s3_fixtures import MOTO_BUCKET, Target, moto_options
 
 WEIGHTS = "adapter_model.safetensors"
@@ -404,6 +406,71 @@ def test_retention_without_object_lock_is_refused_before_anything_is_written(
     assert Registry(url, moto_options(moto_server)).gc(grace_s=0) == []  # not even a claim
     with pytest.raises(RegistryError, match="retention needs S3 Object Lock"):
         Registry(f"file://{tmp_path}", retention=Retention(mode="compliance", days=1))
+
+
+def test_embedded_registry_keeps_versions_write_once_by_default(
+    s3_store: StoreInfo, adapter: TinyAdapter, tmp_path: Path
+) -> None:
+    """`publish.registry: embedded` with no retention setting (the session's store, reopened from its folder):
+    every object of a version is kept 30 days in governance mode, deleting one is refused, an overwrite is refused
+    at pull, `loramill list` shows the retention, and gc still removes an abandoned upload."""
+    domain = f"worm-{uuid.uuid4().hex[:12]}"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "domains": [{"name": domain, "train": "t.jsonl", "eval": "e.jsonl", "intended_use": "tests",
+                     "limitations": "none"}],
+        "publish": {"store_dir": str(s3_store.data_dir.parent)}}))
+    reg = open_registry(load_config(config))
+    reserved_at = datetime.now(UTC)
+    reg.publish(domain, adapter.path, METADATA)
+
+    client = boto3.client("s3", endpoint_url=s3_store.endpoint_url, aws_access_key_id=s3_store.access_key,
+                          aws_secret_access_key=s3_store.secret, region_name="us-east-1")
+    prefix = f"adapters/{domain}/v1/"
+    keys = [entry["Key"] for entry in client.list_objects_v2(Bucket=s3_store.bucket, Prefix=prefix)["Contents"]]
+    assert len(keys) == len(list(adapter.path.iterdir())) + 2  # the adapter's files, the claim and the manifest
+    for key in keys:
+        head = client.head_object(Bucket=s3_store.bucket, Key=key)
+        assert head["ObjectLockMode"] == "GOVERNANCE", key
+        assert abs(head["ObjectLockRetainUntilDate"] - (reserved_at + timedelta(days=30))).total_seconds() < 60, key
+    listed = CliRunner().invoke(app, ["list", domain, "-c", str(config)])
+    assert listed.exit_code == 0, listed.output
+    assert f"governance until {head['ObjectLockRetainUntilDate']:%Y-%m-%d}" in listed.output
+
+    # Another client with write access: deleting the published object version is refused; an overwrite only adds
+    # a newer object version, which the verified pull refuses, and the published bytes stay on the store.
+    key = prefix + WEIGHTS
+    published = client.head_object(Bucket=s3_store.bucket, Key=key)["VersionId"]
+    with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
+        client.delete_object(Bucket=s3_store.bucket, Key=key, VersionId=published)
+    client.put_object(Bucket=s3_store.bucket, Key=key, Body=b"tampered")
+    with pytest.raises(IntegrityError, match=WEIGHTS):
+        reg.pull(domain, 1, tmp_path / "pulled")
+    assert not (tmp_path / "pulled").exists()
+    stored = client.get_object(Bucket=s3_store.bucket, Key=key, VersionId=published)["Body"].read()
+    assert stored == (adapter.path / WEIGHTS).read_bytes()
+
+    # gc on the locked bucket: the abandoned upload's locked claim goes behind a delete marker, so the folder is gone
+    # from every listing and its number free again; v1 is untouched.
+    assert reg.reserve(domain).version == 2
+    assert reg.gc(domain, grace_s=0) == [reg.location(domain, 2)]
+    assert client.list_objects_v2(Bucket=s3_store.bucket, Prefix=f"adapters/{domain}/v2/").get("KeyCount") == 0
+    assert reg.versions(domain) == [1] and reg.reserve(domain).version == 2
+    # Governance mode: the store's own admin key can still remove a version early, when it says so.
+    client.delete_object(Bucket=s3_store.bucket, Key=key, VersionId=published, BypassGovernanceRetention=True)
+
+
+def test_retention_on_a_folder_registry_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "domains": [{"name": "medical", "train": "t.jsonl", "eval": "e.jsonl", "intended_use": "tests",
+                     "limitations": "none"}],
+        "publish": {"registry": f"file://{tmp_path}/registry", "retention_days": 365}}))
+    result = CliRunner().invoke(app, ["validate", str(config)])
+    assert result.exit_code == 2, result.output
+    assert (f"publish.retention_days: retention needs S3 Object Lock, and file://{tmp_path}/registry is a folder "
+            "whose owner can always change it: publish to registry=embedded or an s3:// bucket created with Object "
+            "Lock, or remove retention_days") in result.output
 
 
 # ------------------------------------------------------------------ names, URLs and errors

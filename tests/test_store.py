@@ -8,7 +8,10 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import boto3
+import botocore.exceptions
 import pytest
 import s3fs
 
@@ -24,6 +27,13 @@ def test_up_status_down_up_keeps_data_and_credentials(tmp_path: Path) -> None:
         assert store_up(root) == info  # already running: the same server
         assert info.secret not in repr(info) and info.secret not in str(info)
         assert stat.S_IMODE((root / "s3.json").stat().st_mode) == 0o600
+        client = boto3.client("s3", endpoint_url=info.endpoint_url, aws_access_key_id=info.access_key,
+                              aws_secret_access_key=info.secret, region_name="us-east-1")
+        assert object_lock(client, info.bucket) == "Enabled"
+        # A bucket made by an older loramill, without Object Lock: the next start enables it, data kept.
+        client.delete_bucket(Bucket=info.bucket)
+        client.create_bucket(Bucket=info.bucket)
+        assert object_lock(client, info.bucket) is None
         fs = s3fs.S3FileSystem(**info.storage_options(), skip_instance_cache=True)
         fs.pipe_file(f"{info.bucket}/kept/object", b"persist me")
 
@@ -42,8 +52,21 @@ def test_up_status_down_up_keeps_data_and_credentials(tmp_path: Path) -> None:
             check=True,
         )
         assert read_back.stdout.strip() == "b'persist me'"
+        assert object_lock(client, info.bucket) == "Enabled"
+        assert client.get_bucket_versioning(Bucket=info.bucket)["Status"] == "Enabled"
+        # The readiness probe leaves nothing behind, not even a noncurrent object version.
+        assert [v["Key"] for v in client.list_object_versions(Bucket=info.bucket).get("Versions", [])] == ["kept/object"]
     finally:
         store_down(root, grace_s=1)
+
+
+def object_lock(client: Any, bucket: str) -> str | None:
+    """The bucket's ObjectLockEnabled, or None when it has no Object Lock configuration."""
+    try:
+        return client.get_object_lock_configuration(Bucket=bucket)["ObjectLockConfiguration"]["ObjectLockEnabled"]
+    except botocore.exceptions.ClientError as exc:
+        assert exc.response["Error"]["Code"] == "ObjectLockConfigurationNotFoundError"
+        return None
 
 
 def test_busy_port_is_named(tmp_path: Path) -> None:

@@ -452,7 +452,8 @@ class Registry:
             raise RegistryError(
                 f"retention is set but bucket {bucket!r} at {self._conn.backend.describe()} has no Object Lock: create "
                 f"the bucket with Object Lock enabled (or enable versioning and then Object Lock on it), or drop "
-                f"the retention"
+                f"the retention (publish.retention_days); the embedded store enables it when it starts: "
+                f"`loramill store down`, then publish again"
             )
         until = datetime.now(UTC) + timedelta(days=self.retention.days)
         return ObjectLock(mode="GOVERNANCE" if self.retention.mode == "governance" else "COMPLIANCE", until=until)
