@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-LORAMILL = str(Path(sys.executable).parent / "loramill")
+# The CLI's module rather than the console script: on a GPU node the project runs from PYTHONPATH, not installed.
+LORAMILL = [sys.executable, "-m", "pipelines.cli"]
 
 
 def loramill(*args: str, log: Path) -> float:
     """Run ``loramill ARGS`` from the repository root, appending its output to ``log``; wall seconds. Exits on
     failure with the log's tail."""
-    command = [LORAMILL, *args]
+    command = [*LORAMILL, *args]
     print(f"$ {shlex.join(['loramill', *args])}", flush=True)
     started = time.time()
     with open(log, "a") as out:

@@ -2,10 +2,11 @@
 
 Keeps the ``fresh`` and ``rotten`` rows (drops ``plot`` summaries), drops repeated texts, shuffles with a fixed seed
 and splits: ``test.jsonl`` (2,000), ``validation.jsonl`` (1,000), ``train_full.jsonl`` (the rest) and
-``train.jsonl``, the first ``--train-size`` rows of ``train_full.jsonl`` (what the table trains on, sized for a 2-core CPU).
+``train.jsonl``, what the table trains on: all of ``train_full.jsonl``, or its first ``--train-size`` rows (a
+shorter run for a 2-core CPU).
 Deterministic: the same package version and arguments give byte-identical files.
 
-    .venv/bin/python bench/quality/prepare_reviews.py [--out bench/quality/data] [--train-size 2000] [--seed 0]
+    .venv/bin/python bench/quality/prepare_reviews.py [--out bench/quality/data] [--train-size N] [--seed 0]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data")
-    parser.add_argument("--train-size", type=int, default=2000)
+    parser.add_argument("--train-size", type=int, help="train on the first N of train_full (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -61,7 +62,7 @@ def main() -> None:
         "validation": reviews[TEST_SIZE:TEST_SIZE + VALIDATION_SIZE],
         "train_full": reviews[TEST_SIZE + VALIDATION_SIZE:],
     }
-    splits["train"] = splits["train_full"][:args.train_size]
+    splits["train"] = splits["train_full"][:args.train_size]  # [:None]: all
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         digest = write_jsonl(args.out / f"{name}.jsonl", rows)
