@@ -75,12 +75,34 @@ class Quantization(Section):
 
 
 class LoraSettings(Section):
-    method: Literal["lora", "last_layers", "full"] = "lora"
+    method: Literal["lora", "adapter_layers", "last_layers", "full"] = "lora"
     """What training changes. ``lora``: a LoRA adapter on ``target_modules`` (with ``task: sequence_classification``
-    the classification head is trained too). ``last_layers``: no LoRA; the last ``last_layers`` transformer blocks
+    the classification head is trained too). ``adapter_layers``: no LoRA; a bottleneck adapter (Houlsby et al. 2019:
+    down-projection to ``adapter_size``, GELU, up-projection, residual) after the attention and after the MLP of
+    every decoder block, the base frozen; causal LMs only; it cannot be merged into the base (``export --merge``
+    refuses it) and is not swept. ``last_layers``: no LoRA; the last ``last_layers`` transformer blocks
     and the classification head are trained. ``full``: every weight is trained. The last two need
     ``task: sequence_classification`` and ``quant.mode: none``, and are not swept or published (their output is the
     trained weights, not an adapter)."""
+    adapter_size: int = Field(64, gt=0, le=8192)
+    """Bottleneck width of ``method: adapter_layers``: each adapter adds 2 x hidden x adapter_size + hidden +
+    adapter_size parameters, two per decoder block (SmolLM2-135M, hidden 576, 30 blocks: 64 adds 4.5M, 3.3%)."""
+    variant: Literal["lora", "dora"] = "lora"
+    """``lora``: W + B.A x scale. ``dora``: DoRA (Liu et al. 2024), the LoRA update's direction plus a trained
+    magnitude per output feature (``out`` more parameters per adapted layer, slower steps); merges like LoRA."""
+    scaling: Literal["standard", "rslora"] = "standard"
+    """Scale of the update B.A: ``standard`` alpha / r; ``rslora`` alpha / sqrt(r) (rank-stabilized LoRA, Kalajdzievski
+    2023: higher ranks keep learning instead of their updates shrinking with 1/r)."""
+    init: Literal["default", "pissa", "olora"] = "default"
+    """Initialisation of A and B. ``default``: A random, B zero (the adapter starts as a no-op). ``pissa``: A and B
+    from the top-r singular vectors of W, the base keeping the residual (PiSSA, Meng et al. 2024). ``olora``: from a QR
+    decomposition of W, likewise (OLoRA, Büyükakyüz 2024). Both change the base's weights while training, so the
+    saved adapter is converted to a plain LoRA of rank 2r that applies to the original base (PEFT's
+    ``path_initial_model_for_weight_conversion``); both need ``quant.mode: none`` and ``variant: lora``."""
+    loraplus_ratio: float = Field(1.0, ge=1, le=1000)
+    """LoRA+ (Hayou et al. 2024): B's learning rate is ``train.learning_rate`` x this ratio (A keeps the learning
+    rate; DoRA's magnitudes go with B). 1: plain LoRA. The paper suggests 16 for LLaMA-sized models, with a learning
+    rate about half the plain-LoRA one."""
     last_layers: int = Field(2, gt=0)
     """Transformer blocks trained by ``method: last_layers``, counted from the top."""
     r: int = Field(8, gt=0, le=1024)
@@ -141,6 +163,12 @@ class Training(Section):
     group_by_length: bool = True
     """Batch examples of similar length together (within windows of 16 micro batches of the shuffled order), so
     little of each micro batch is padding."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How the workers of a domain's run (``cluster.workers_per_domain``) share it. ``ddp``: each holds the whole
+    base and they all-reduce the adapter's gradients. ``fsdp``: torch's FSDP2 shards the base's weights (each decoder
+    block, then the rest), the adapter and its optimizer state across them, so a base that does not fit one GPU
+    trains on several: N workers hold 1/N of it each and gather one block at a time for its forward and backward.
+    Each worker first loads the base into CPU memory. One worker has nothing to shard and runs as ``ddp``."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> Training:
@@ -325,6 +353,14 @@ class TuneSettings(Section):
     """LoRA dropout choices; None keeps ``lora.dropout``."""
     target_module_sets: list[Literal["all-linear"] | list[Annotated[str, Field(min_length=1)]]] | None = None
     """Target-module choices, e.g. ``[all-linear, [q_proj, v_proj]]``; None keeps ``lora.target_modules``."""
+    variants: list[Literal["lora", "dora"]] | None = None
+    """``lora.variant`` choices, e.g. ``[lora, dora]``; None keeps ``lora.variant``."""
+    scalings: list[Literal["standard", "rslora"]] | None = None
+    """``lora.scaling`` choices, e.g. ``[standard, rslora]``; None keeps ``lora.scaling``."""
+    inits: list[Literal["default", "pissa", "olora"]] | None = None
+    """``lora.init`` choices, e.g. ``[default, pissa]``; None keeps ``lora.init``."""
+    loraplus_ratios: list[Annotated[float, Field(ge=1, le=1000)]] | None = None
+    """``lora.loraplus_ratio`` choices, e.g. ``[1, 16]`` (1: plain LoRA); None keeps ``lora.loraplus_ratio``."""
     grace_evals: int = Field(1, gt=0)
     """Evaluations (one every ``train.eval_every`` steps) every trial makes before ASHA may stop it."""
     reduction_factor: float = Field(2.0, gt=1)
@@ -332,7 +368,8 @@ class TuneSettings(Section):
     max_concurrent_trials: int | None = Field(None, gt=0)
     """Cap on trials running at once per domain. None: as many as the cluster's CPUs/GPUs hold at once."""
 
-    @field_validator("ranks", "alphas", "learning_rates", "dropouts", "target_module_sets")
+    @field_validator("ranks", "alphas", "learning_rates", "dropouts", "target_module_sets", "variants", "scalings",
+                     "inits", "loraplus_ratios")
     @classmethod
     def _choices_non_empty(cls, choices: list[Any] | None) -> list[Any] | None:
         if choices is not None and not choices:
@@ -386,13 +423,38 @@ class Config(Section):
         if classify and self.quant.mode != "none":
             problems.append("quant.mode: task sequence_classification trains a 16/32-bit base (4-bit encoders are "
                             "not supported); set quant.mode=none")
-        if self.lora.method != "lora" and not classify:
+        if self.lora.method in ("last_layers", "full") and not classify:
             problems.append(f"lora.method: {self.lora.method} is for task sequence_classification; causal LMs "
-                            "train LoRA adapters (lora.method=lora)")
+                            "train LoRA adapters (lora.method=lora) or adapter layers (lora.method=adapter_layers)")
+        if self.lora.method == "adapter_layers" and classify:
+            problems.append("lora.method: adapter_layers is for task causal_lm (decoder blocks); a classifier "
+                            "trains lora, last_layers or full")
+        problems += _lora_variant_problems(self)
         if classify and self.train.batch_tokens is not None:
             problems.append("train.batch_tokens: packing is for causal LMs (a classifier reads one label per row); "
                             "remove it and set train.micro_batch_size")
         if problems:  # one line each, already "dotted.path: ..." (format_validation_error splits them)
+            raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> Config:
+        if self.train.strategy != "fsdp":
+            return self
+        problems = []
+        if self.task != "causal_lm" or self.lora.method != "lora":
+            problems.append("train.strategy: fsdp shards LoRA training of causal LMs (task causal_lm, lora.method "
+                            "lora), the bases too large for one GPU; set train.strategy=ddp")
+        if self.quant.mode == "nf4":
+            # Measured on the GPU node (torch 2.11, bitsandbytes 0.50.2): fully_shard stops at the first 4-bit weight,
+            # "only Tensors of floating point dtype can require gradients" (bitsandbytes packs it into uint8).
+            problems.append("quant.mode: nf4 with train.strategy=fsdp: FSDP2 cannot shard bitsandbytes' packed 4-bit "
+                            "weights; set quant.mode=none (FSDP shards the 16-bit base), or train.strategy=ddp")
+        if self.lora.init != "default":
+            problems.append(f"lora.init: {self.lora.init} converts the adapter from the whole base's weights when "
+                            "saving, which train.strategy=fsdp holds a shard of; set lora.init=default, or "
+                            "train.strategy=ddp")
+        if problems:
             raise ValueError("\n".join(problems))
         return self
 
@@ -403,6 +465,35 @@ class Config(Section):
                 return d
         known = ", ".join(d.name for d in self.domains)
         raise ConfigError([f"domains: no domain named {name!r}; configured: {known}"])
+
+
+LORA_VARIANT_DEFAULTS = {"variant": "lora", "scaling": "standard", "init": "default", "loraplus_ratio": 1.0}
+"""The LoRA-only settings as plain LoRA has them: any other value needs ``lora.method: lora``."""
+
+
+def _lora_variant_problems(cfg: Config) -> list[str]:
+    """Combinations of the LoRA variants (and their tune choices) that cannot train, or whose saved adapter would
+    not reproduce the trained model. Found with peft 0.21.2 and bitsandbytes 0.50.2 on a 4-bit base: DoRA and
+    OLoRA train; PiSSA's SVD refuses packed 4-bit weights (TypeError); OLoRA re-quantizes the residual W - B0.A0 to
+    4 bits, so the published adapter (which applies to the original 4-bit W) misses that re-quantization error."""
+    lora, tune, problems = cfg.lora, cfg.tune, []
+    if lora.method != "lora":
+        for key, plain in LORA_VARIANT_DEFAULTS.items():
+            if getattr(lora, key) != plain:
+                problems.append(f"lora.{key}: a LoRA setting, and lora.method is {lora.method}; remove it or set "
+                                "lora.method=lora")
+    inits = set(tune.inits or [lora.init]) - {"default"}
+    if inits and cfg.quant.mode != "none":
+        where = "tune.inits" if tune.inits else "lora.init"
+        problems.append(f"{where}: {'/'.join(sorted(inits))} initialisation needs an unquantized base (PiSSA cannot "
+                        "decompose 4-bit weights; OLoRA's re-quantized residual would not match the published "
+                        "adapter); set quant.mode=none, or use init default with quant.mode=nf4")
+    if inits and "dora" in set(tune.variants or [lora.variant]):
+        where = "tune.variants" if tune.variants else "lora.variant"
+        problems.append(f"{where}: dora cannot be combined with {'/'.join(sorted(inits))} initialisation (the "
+                        "adapter converted for the original base keeps only A and B, not DoRA's magnitudes); use "
+                        "init default with dora, or variant lora with pissa/olora")
+    return problems
 
 
 def reference_markdown() -> str:

@@ -41,7 +41,7 @@ def adapter_deltas(adapter_dir: Path) -> list[ModuleDelta]:
         b = weights[key.replace("lora_A", "lora_B")].double()
         rank = a.shape[0]
         alpha = config.get("alpha_pattern", {}).get(module.rsplit(".", 1)[-1], config["lora_alpha"])
-        scale = alpha / rank
+        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)  # rsLoRA: alpha / sqrt(r)
         _, r_b = torch.linalg.qr(b)
         _, r_a = torch.linalg.qr(a.T)
         singular = torch.linalg.svdvals(r_b @ r_a.T) * scale

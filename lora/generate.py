@@ -1,7 +1,10 @@
-"""Greedy generation from a base model with and without a LoRA adapter (audit samples, ``loramill generate``)."""
+"""Greedy generation from a base model with and without a LoRA adapter or adapter layers (audit samples,
+``loramill generate``)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,37 +12,74 @@ import torch
 
 
 def load_with_adapter(base_model: Any, adapter_dir: Path, name: str = "default") -> Any:
-    """Wrap ``base_model`` with the safetensors adapter at ``adapter_dir`` (PEFT's loader, eval mode)."""
+    """Wrap ``base_model`` with the safetensors adapter at ``adapter_dir`` (PEFT's loader, eval mode), or hook in the
+    adapter layers saved there (``lora.bottleneck``)."""
     from peft import PeftModel
 
+    from lora import bottleneck
+
+    if bottleneck.is_adapter_layers(adapter_dir):
+        return bottleneck.load(base_model, adapter_dir, name)
     model = PeftModel.from_pretrained(base_model, adapter_dir, adapter_name=name, use_safetensors=True)
     return model.eval()
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def adapter_off(model: Any) -> Iterator[Any]:
+    """``model`` as its base for the duration: the active adapter layers switched off, or else the PEFT adapter
+    disabled (``lora.serve.use_adapter`` keeps the LoRA adapters disabled while adapter layers are active; a second
+    ``disable_adapter`` inside the first would enable them again when it ends)."""
+    from lora import bottleneck
+
+    layers = bottleneck.attached(model)
+    with layers.off() if layers is not None and layers.active is not None else model.disable_adapter():
+        yield model
+
+
 def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64) -> str:
     """The assistant's greedy answer to one user ``prompt`` under the tokenizer's chat template."""
-    messages = [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    return greedy_answers(model, tokenizer, [prompt], max_new_tokens)[0]
+
+
+@torch.no_grad()
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64,
+                   adapter_names: list[str] | None = None) -> list[str]:
+    """Greedy answers to user ``prompts`` generated as one left-padded batch: on a CPU a decoding step costs about
+    the same for six rows as for one, so a batch is several times faster than one prompt at a time, with the same
+    answers. ``adapter_names`` routes each row through a PEFT adapter (``"__base__"``: none)."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True) for prompt in prompts]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
+                       add_special_tokens=False).to(model.device)
+    routing = {} if adapter_names is None else {"adapter_names": adapter_names}
     output = model.generate(
         **inputs,
+        **routing,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    start = inputs["input_ids"].shape[1]
+    return [tokenizer.decode(row[start:], skip_special_tokens=True).strip() for row in output]
 
 
 def side_by_side(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64) -> list[dict[str, str]]:
-    """For each prompt: the base model's answer (adapter disabled) and the adapter's."""
-    samples = []
-    for prompt in prompts:
-        with model.disable_adapter():
-            base = generate(model, tokenizer, prompt, max_new_tokens)
-        samples.append({"prompt": prompt, "base": base, "adapter": generate(model, tokenizer, prompt, max_new_tokens)})
-    return samples
+    """For each prompt: the base model's answer (adapter disabled) and the active adapter's, all in one batch
+    through PEFT's mixed-adapter batches (DoRA adapters and adapter layers do not take part in them: two batches
+    then)."""
+    from lora import bottleneck
+
+    if bottleneck.attached(model) is not None or model.peft_config[model.active_adapter].use_dora:
+        with adapter_off(model):
+            base = greedy_answers(model, tokenizer, prompts, max_new_tokens)
+        adapted = greedy_answers(model, tokenizer, prompts, max_new_tokens)
+    else:
+        active = model.active_adapter
+        both = greedy_answers(model, tokenizer, prompts + prompts, max_new_tokens,
+                              ["__base__"] * len(prompts) + [active] * len(prompts))
+        base, adapted = both[: len(prompts)], both[len(prompts):]
+    return [{"prompt": prompt, "base": b, "adapter": a} for prompt, b, a in zip(prompts, base, adapted, strict=True)]
 
 
 @torch.no_grad()
@@ -55,7 +95,7 @@ def classify_side_by_side(model: Any, tokenizer: Any, examples: list[tuple[str, 
     """For each (text, true label): the base model's label (adapter disabled; its head is untrained) and the
     adapter's."""
     texts = [text for text, _ in examples]
-    with model.disable_adapter():
+    with adapter_off(model):
         base = predict_labels(model, tokenizer, texts, max_length)
     adapter = predict_labels(model, tokenizer, texts, max_length)
     return [{"prompt": text, "expected": label, "base": b, "adapter": a}

@@ -311,10 +311,12 @@ def _numel(module: nn.Module) -> int:
 
 
 def expected_lora_parameters(model: nn.Module, lora: LoraSettings) -> int:
-    """r * (in + out) summed over the linear layers LoRA will adapt, computed from the base's own shapes, plus the
-    classification head, which a sequence classifier trains whole."""
+    """r * (in + out) summed over the linear layers LoRA will adapt, computed from the base's own shapes (DoRA adds
+    a magnitude per output feature: + out), plus the classification head, which a sequence classifier trains whole."""
     head = classifier_head(model)
-    adapted = sum(lora.r * (m.in_features + m.out_features) for _, m in target_linear_layers(model, lora))
+    magnitudes = lora.variant == "dora"
+    adapted = sum(lora.r * (m.in_features + m.out_features) + (m.out_features if magnitudes else 0)
+                  for _, m in target_linear_layers(model, lora))
     return adapted + (_numel(head) if head is not None else 0)
 
 
@@ -336,9 +338,12 @@ def target_linear_layers(model: nn.Module, lora: LoraSettings) -> list[tuple[str
 
 def prepare_trainable(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool,
                       four_bit: bool) -> nn.Module:
-    """What ``lora.method`` trains: a LoRA adapter (``apply_lora``), the last blocks and the head, or everything."""
+    """What ``lora.method`` trains: a LoRA adapter (``apply_lora``), adapter layers (``apply_adapter_layers``), the
+    last blocks and the head, or everything."""
     if lora.method == "lora":
         return apply_lora(model, lora, gradient_checkpointing, four_bit)
+    if lora.method == "adapter_layers":
+        return apply_adapter_layers(model, lora, gradient_checkpointing, four_bit)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora.method == "full":
@@ -413,14 +418,51 @@ def apply_lora(model: nn.Module, lora: LoraSettings, gradient_checkpointing: boo
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM" if classifier_head(model) is None else "SEQ_CLS",
+        use_dora=lora.variant == "dora",
+        use_rslora=lora.scaling == "rslora",
+        init_lora_weights=True if lora.init == "default" else lora.init,
     )
     model = get_peft_model(model, peft_config)
+    if lora.init != "default":
+        # PiSSA/OLoRA moved B0.A0 out of the base weights; save_adapter needs B0 and A0 to publish an adapter that
+        # applies to the original base (B.A - B0.A0). Deterministic (an SVD or QR of W), so a resumed run recomputes
+        # the same ones. A few MB: the size of the adapter itself.
+        from peft import get_peft_model_state_dict
+
+        model.loramill_initial_adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable != expected:
+        dora = " + out per layer (DoRA magnitudes)" if lora.variant == "dora" else ""
         raise RuntimeError(
             f"LoRA trainable parameters {trainable:,} != expected {expected:,} "
-            f"(r={lora.r} over {len(targets)} target layers): peft adapted other modules than intended"
+            f"(r={lora.r} x (in + out){dora} over {len(targets)} target layers): peft adapted other modules than "
+            "intended"
         )
+    return model
+
+
+def apply_adapter_layers(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool,
+                         four_bit: bool) -> nn.Module:
+    """Freeze ``model`` and hook identity-initialised bottleneck adapters of width ``lora.adapter_size`` after the
+    attention and the MLP of every decoder block (``lora.bottleneck``); raises if the trainable count is not two
+    bottlenecks per block."""
+    from lora.bottleneck import add_adapter_layers, expected_parameters
+
+    if classifier_head(model) is not None:
+        raise ConfigError(["lora.method: adapter_layers is for causal LMs; a classifier trains lora, last_layers "
+                           "or full"])
+    expected = expected_parameters(model, lora.adapter_size)
+    if four_bit:
+        keep_4bit_layers_differentiable(model)
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    add_adapter_layers(model, lora.adapter_size)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable != expected:
+        raise RuntimeError(f"adapter layers: trainable parameters {trainable:,} != expected {expected:,} (two "
+                           f"bottlenecks of width {lora.adapter_size} per decoder block)")
     return model
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora.config import ModelSource, Quantization
+from lora import bottleneck
+from lora.config import ConfigError, ModelSource, Quantization
 from lora.generate import generate, load_with_adapter
 from lora.model import dispatch_backend, load_base_model
 
@@ -40,14 +41,22 @@ def load_adapters(base_model: nn.Module, adapters: Mapping[str, Path]) -> Any:
     """Wrap ``base_model`` once with every adapter in ``adapters`` (name -> folder), in eval mode.
 
     The base weights are shared: each further adapter adds only its own A/B matrices to the layers it targets.
-    The first adapter is active; pick another per request with ``use_adapter`` / ``generate_with``.
+    Adapter layers (``lora.bottleneck``) hook into the base's blocks beside any LoRA adapters. Pick the adapter per
+    request with ``use_adapter`` / ``generate_with`` (outside it, a model holding both kinds runs the first LoRA
+    adapter and the last adapter layers loaded, together).
     """
     if not adapters:
         raise ValueError("load_adapters needs at least one adapter folder")
-    (first_name, first_dir), *rest = adapters.items()
-    model = load_with_adapter(base_model, Path(first_dir), name=first_name)
-    for name, folder in rest:
-        model.load_adapter(str(folder), adapter_name=name, use_safetensors=True)
+    # PEFT adapters first: PeftModel wraps the base, and adapter layers hook into the base it wraps either way.
+    ordered = sorted(adapters.items(), key=lambda item: bottleneck.is_adapter_layers(Path(item[1])))
+    model = base_model
+    for name, folder in ordered:
+        if bottleneck.is_adapter_layers(Path(folder)):
+            bottleneck.load(model, Path(folder), name)
+        elif model is base_model:
+            model = load_with_adapter(base_model, Path(folder), name=name)
+        else:
+            model.load_adapter(str(folder), adapter_name=name, use_safetensors=True)
     return model.eval()
 
 
@@ -58,14 +67,21 @@ def use_adapter(model: Any, name: str | None) -> Iterator[Any]:
     Switching flips a flag per adapted layer (no weights move), so it is cheap enough to do per request. It is
     state on the model: serve one request at a time per model object.
     """
-    if name is None:
+    layers = bottleneck.attached(model)
+    lora_names = set(getattr(model, "peft_config", {})) if hasattr(model, "disable_adapter") else set()
+    layer_names = set(layers.adapters) if layers is not None else set()
+    if name is not None and name not in lora_names | layer_names:
+        raise KeyError(f"no adapter named {name!r} is loaded (loaded: {sorted(lora_names | layer_names)})")
+    if layers is not None:
+        layers.active = name if name in layer_names else None
+    if name in lora_names:
+        model.set_adapter(name, inference_mode=True)
+        yield model
+    elif lora_names:  # the base, or adapter layers alone: the LoRA adapters step aside
         with model.disable_adapter():
             yield model
-        return
-    if name not in model.peft_config:
-        raise KeyError(f"no adapter named {name!r} is loaded (loaded: {sorted(model.peft_config)})")
-    model.set_adapter(name, inference_mode=True)
-    yield model
+    else:
+        yield model
 
 
 def generate_with(model: Any, tokenizer: Any, name: str | None, prompt: str, max_new_tokens: int = 64) -> str:
@@ -156,7 +172,11 @@ def merge(
     adapter was trained on a 4-bit base: merging into 4-bit weights would re-quantize W + BA and lose most of
     the update. ``trained_quant`` is how the adapter was trained; when it is 4-bit the merged model is also
     compared with that 4-bit base + adapter, so the report says what leaving the quantized base costs.
+
+    Adapter layers cannot be merged (``ConfigError``): they are layers of their own in the forward path (a
+    non-linearity between two projections), not a change of existing weights.
     """
+    refuse_merging_adapter_layers(adapter_dir)
     full = Quantization(mode="none", compute_dtype=_dtype_name(dtype) if dtype is not None else "auto")
     backend = dispatch_backend(full, use_gpu)
     model = load_with_adapter(load_base_model(model_dir, source, full, backend), adapter_dir)
@@ -176,6 +196,16 @@ def merge(
     )
     merged_model.config.use_cache = True  # training turned it off; a served model wants its KV cache
     return merged_model.eval(), costs
+
+
+def refuse_merging_adapter_layers(adapter_dir: Path) -> None:
+    """``ConfigError`` if ``adapter_dir`` holds adapter layers, which no weight of the base can absorb."""
+    if bottleneck.is_adapter_layers(Path(adapter_dir)):
+        raise ConfigError([f"lora.method: {adapter_dir} holds adapter layers (lora.method=adapter_layers): "
+                           "bottleneck layers add a GELU between two projections after each attention and MLP, "
+                           "which no weight of the base can absorb, so they cannot be merged. Serve the base with "
+                           "the adapter (loramill generate, lora.generate.load_with_adapter), or train "
+                           "lora.method=lora for a mergeable adapter"])
 
 
 def _as_trained_logits(

@@ -8,7 +8,9 @@ import contextlib
 import json
 import math
 import random
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -236,13 +238,25 @@ def total_steps(shard: Shard, cfg: Training) -> int:
     return max(1, math.floor(batches * cfg.epochs / cfg.grad_accum))
 
 
-def build_optimizer(model: nn.Module, cfg: Training, steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the trainable (LoRA) parameters and the configured schedule; fused kernels on CUDA."""
+def build_optimizer(model: nn.Module, cfg: Training, steps: int,
+                    loraplus_ratio: float = 1.0) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable (LoRA) parameters and the configured schedule; fused kernels on CUDA.
+
+    ``loraplus_ratio`` above 1 (``lora.loraplus_ratio``): LoRA+, through PEFT's ``create_loraplus_optimizer``, whose
+    parameter groups give B (and every 1-d parameter: DoRA's magnitudes) ``learning_rate x ratio``; the schedule
+    scales every group alike.
+    """
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
     on_cuda = params[0].is_cuda
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, fused=on_cuda)
+    if loraplus_ratio != 1.0:
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(getattr(model, "module", model), torch.optim.AdamW,
+                                              lr=cfg.learning_rate, loraplus_lr_ratio=loraplus_ratio, fused=on_cuda)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, fused=on_cuda)
     scheduler = get_scheduler(
         cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps
     )
@@ -268,14 +282,25 @@ def evaluate(
         plan = pack_rows(order, [len(e.input_ids) for e in examples], batching.row_len, batching.rows)
     else:
         plan = [[[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
+    own = len(plan)
+    if sharded_root(model) is not None:
+        # Each forward of a sharded model gathers every block's weights from all ranks, so all ranks must run as
+        # many: one whose share makes fewer micro batches (an example less, or packed tighter) runs its first one
+        # again, uncounted.
+        most = torch.tensor(own, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        plan = plan + plan[:1] * (int(most) - own)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
-    for rows in plan:
+    for index, rows in enumerate(plan):
         batch = {k: v.to(device) for k, v in batching.collate([[examples[i] for i in row] for row in rows],
                                                               pad_id).items()}
+        if index >= own:
+            model(**batch)
+            continue
         if classify:
             targets = batch.pop("labels")
             logits = model(**batch).logits.float()
@@ -314,13 +339,32 @@ def base_model_view(model: nn.Module):
     return model.disable_adapter() if has_adapter(model) else contextlib.nullcontext()
 
 
-def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Under DDP, all-reduce gradients only on the optimizer step's last micro batch (``sync``): the others
-    accumulate locally in ``no_sync``, so a step with grad_accum micro batches costs one all-reduce, not grad_accum.
+def sharded_root(model: nn.Module):
+    """The outermost FSDP2 module of a sharded model (``train.strategy: fsdp``), or None."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, sync: bool):
+    """Reduce gradients across ranks only on the optimizer step's last micro batch (``sync``): the others
+    accumulate locally (DDP's ``no_sync``; FSDP2's ``set_requires_gradient_sync(False)``, which keeps them unsharded
+    until then), so a step with grad_accum micro batches costs one all-reduce or reduce-scatter, not grad_accum.
     """
-    if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext()
-    return model.no_sync()
+    if sync:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif (root := sharded_root(model)) is not None:
+        root.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            root.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 Report = Callable[[dict[str, float], TrainState, bool], None]
@@ -342,9 +386,10 @@ def train(
 ) -> TrainState:
     """Run optimizer steps from ``state`` to the end, evaluating and checkpointing at the configured intervals.
 
-    ``model`` may be DDP-wrapped; the base-model metrics are measured once (adapter disabled) before step 1.
-    Evaluation runs on the unwrapped model: it needs none of DDP's collectives (DDP's first forward after a synced
-    step broadcasts buffers), only ``evaluate``'s own all-reduce of its sums.
+    ``model`` may be DDP-wrapped or FSDP-sharded; the base-model metrics are measured once (adapter disabled) before
+    step 1. Evaluation runs on the unwrapped model: it needs none of DDP's collectives (DDP's first forward after a
+    synced step broadcasts buffers), only ``evaluate``'s own all-reduce of its sums (a sharded model is its own
+    unwrapped model: its forwards gather the weights).
     """
     steps = total_steps(shard, cfg)
     batching = Batching.of(cfg)
@@ -392,22 +437,65 @@ def train(
     return state
 
 
-def save_adapter(model: nn.Module, directory: Path, base_model_id: str) -> None:
+def save_adapter(model: nn.Module, directory: Path, base_model_id: str,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """PEFT's adapter folder (adapter_config.json + adapter_model.safetensors), naming the base by its public id.
 
     peft writes ``base_model_name_or_path`` as the local folder it loaded from; a published adapter must name
     the model users can find instead. A model without an adapter (``lora.method`` last_layers or full) gets
-    ``trained_weights.safetensors`` instead: its trained tensors under their names in the base.
+    ``trained_weights.safetensors`` instead: its trained tensors under their names in the base; adapter layers
+    get theirs (``lora.bottleneck.save``).
+
+    A PiSSA/OLoRA adapter trained on a base whose weights it changed (W - B0.A0); it is saved converted for the
+    original base, as PEFT's ``path_initial_model_for_weight_conversion`` does it: rank 2r, A' = [A; A0],
+    B' = [B, -B0], alpha doubled (x sqrt 2 with rsLoRA), so that W + B'.A' x scale = (W - B0.A0) + B.A x scale.
     """
+    from lora import bottleneck
+
     peft_model = getattr(model, "module", model)
+    if bottleneck.attached(peft_model) is not None:
+        bottleneck.save(peft_model, directory, base_model_id)
+        return
     if not has_adapter(peft_model):
         save_trained_weights(peft_model, directory, base_model_id)
         return
-    peft_model.save_pretrained(directory, safe_serialization=True)
+    initial = getattr(peft_model, "loramill_initial_adapter", None)
+    if initial is None:
+        # state_dict: a sharded run's LoRA tensors, gathered (its parameters hold a rank's shard only)
+        peft_model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+    else:
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as scratch:
+            # PEFT reads B0 and A0 from an adapter folder: its config (written there by save_pretrained itself) and
+            # these weights, kept in memory since apply_lora.
+            (Path(scratch) / "initial").mkdir()
+            save_file({k: v.contiguous() for k, v in initial.items()},
+                      Path(scratch) / "initial" / "adapter_model.safetensors")
+            with warnings.catch_warnings():
+                # peft loads B0/A0 as a second adapter to subtract them, and warns that PiSSA/OLoRA should not be
+                # combined with other adapters, suggesting the conversion this is.
+                warnings.filterwarnings("ignore", message="(PiSSA|OLoRA) changes the base weights")
+                peft_model.save_pretrained(directory, safe_serialization=True,
+                                           path_initial_model_for_weight_conversion=str(Path(scratch) / "initial"))
     config_path = directory / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text())
     adapter_config["base_model_name_or_path"] = base_model_id
     config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+
+
+def trained_half(converted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained A and B of a PiSSA/OLoRA adapter that ``save_adapter`` saved converted ([A; A0], [B, -B0]): the
+    first half of each, which is what the model (on its changed base) trains on when a run resumes."""
+    halves = {}
+    for name, tensor in converted.items():
+        if "lora_A" in name:
+            halves[name] = tensor[: tensor.shape[0] // 2]
+        elif "lora_B" in name:
+            halves[name] = tensor[:, : tensor.shape[1] // 2]
+        else:
+            halves[name] = tensor
+    return halves
 
 
 def trained_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -439,12 +527,41 @@ def load_trained(base_model: nn.Module, directory: Path) -> nn.Module:
     """``base_model`` with what a run trained, from the run's ``adapter/`` folder (eval mode): its PEFT adapter, or
     the trained weights of a ``lora.method`` last_layers / full run. The base must be loaded as for training (same
     task and labels)."""
-    if (directory / "adapter_config.json").is_file():
+    from lora.bottleneck import is_adapter_layers
+
+    if (directory / "adapter_config.json").is_file() or is_adapter_layers(directory):
         from lora.generate import load_with_adapter
 
         return load_with_adapter(base_model, directory)
     load_trained_weights(base_model, directory)
     return base_model.eval()
+
+
+@dataclass(frozen=True)
+class GatheredState:
+    """What a sharded run (``train.strategy: fsdp``) saves, gathered in full from the ranks' shards onto rank 0's CPU
+    (the other ranks get empty dicts): the trainable tensors under the model's parameter names, and the optimizer's
+    state keyed by those names."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+
+
+def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> GatheredState:
+    """Collective: every rank of a sharded run calls it, then rank 0 passes it to ``save_training_state``. Only the
+    trainable tensors travel: the frozen base is never gathered whole."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    weights = get_model_state_dict(model, options=options)
+    # ignore_frozen_params still returns a frozen weight tied to another one (SmolLM2's lm_head is its embedding).
+    return GatheredState({name: t for name, t in weights.items() if name in trainable},
+                         get_optimizer_state_dict(model, optimizer, options=options))
 
 
 def save_training_state(
@@ -454,33 +571,59 @@ def save_training_state(
     scheduler: Any,
     state: TrainState,
     base_model_id: str,
+    gathered: GatheredState | None = None,
 ) -> None:
-    """Adapter (safetensors) + optimizer/scheduler/position (``trainer_state.pt``) + readable history."""
-    save_adapter(model, directory / "adapter", base_model_id)
+    """Adapter (safetensors) + optimizer/scheduler/position (``trainer_state.pt``) + readable history.
+
+    A sharded run passes ``gathered`` (``gather_training_state``): its adapter is written from those full tensors, and
+    ``trainer_state.pt`` also keeps them under the model's parameter names, which is what FSDP's loader takes back
+    (the adapter file has PEFT's names, without the adapter's).
+    """
+    save_adapter(model, directory / "adapter", base_model_id, state_dict=None if gathered is None else gathered.weights)
     rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": asdict(state), "rng": rng},
-        directory / STATE_FILE,
-    )
+    resumable = {"optimizer": optimizer.state_dict() if gathered is None else gathered.optimizer,
+                 "scheduler": scheduler.state_dict(), "state": asdict(state), "rng": rng}
+    if gathered is not None:
+        resumable["weights"] = gathered.weights
+    torch.save(resumable, directory / STATE_FILE)
     (directory / HISTORY_FILE).write_text(json.dumps(state.history, indent=1))
 
 
 def load_training_state(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> TrainState:
-    """Restore what ``save_training_state`` wrote; returns the position to continue from."""
+    """Restore what ``save_training_state`` wrote; returns the position to continue from. A sharded model takes its
+    rank's shard of the full tensors that ``trainer_state.pt`` holds."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from lora import bottleneck
+
     peft_model = getattr(model, "module", model)
-    if has_adapter(peft_model):
+    saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    sharded = sharded_root(model) is not None
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, strict=False)  # strict: the frozen base is not in it
+        set_model_state_dict(model, saved["weights"], options=options)
+        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=options)
+    elif bottleneck.attached(peft_model) is not None:
+        bottleneck.load_weights(peft_model, directory / "adapter")
+    elif has_adapter(peft_model):
         weights = load_file(directory / "adapter" / "adapter_model.safetensors",
                             device=str(next(model.parameters()).device))
+        if getattr(peft_model, "loramill_initial_adapter", None) is not None:
+            weights = trained_half(weights)
         set_peft_model_state_dict(peft_model, weights)
     else:
         load_trained_weights(peft_model, directory / "adapter")
-    saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    if not sharded:
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"]["cpu"])  # LoRA dropout draws from it: resumed == uninterrupted
     if "cuda" in saved["rng"] and torch.cuda.is_available():

@@ -106,11 +106,12 @@ def build_audit(
             base_model=info.base_model,
             task=cfg.task,
             labels=domain.labels,
-            method="QLoRA (4-bit NF4 base, LoRA adapters)" if cfg.quant.mode == "nf4" else "LoRA",
+            method=method_name(cfg),
             quantization=cfg.quant.model_dump() | {"effective_compute_dtype": info.compute_dtype},
             lora=LoraShape(r=adapter_config["r"], alpha=adapter_config["lora_alpha"],
                            dropout=adapter_config["lora_dropout"],
-                           target_modules=sorted(adapter_config["target_modules"])),
+                           target_modules=sorted(adapter_config["target_modules"]))
+            if cfg.lora.method == "lora" else None,
             trainable_params=run.trainable_params,
             total_params=run.total_params,
             trainable_fraction=run.trainable_params / run.total_params,
@@ -192,6 +193,26 @@ def _evaluated_examples(cfg: Config, kept: int) -> int:
     return min(kept, cfg.train.max_eval_examples) if cfg.train.max_eval_examples else kept
 
 
+def method_name(cfg: Config) -> str:
+    """The training method as the audit and the model card name it: the adapter kind, its variant settings, and
+    the 4-bit base (``QLoRA (...)``, which the model card's tags look for)."""
+    lora = cfg.lora
+    if lora.method == "adapter_layers":
+        name = f"Adapter layers (bottlenecks of width {lora.adapter_size} after each block's attention and MLP)"
+        return name + (" on a 4-bit NF4 base" if cfg.quant.mode == "nf4" else "")
+    adapters = "DoRA" if lora.variant == "dora" else "LoRA"
+    inits = {"pissa": "PiSSA", "olora": "OLoRA"}
+    details = [text for applies, text in [
+        (lora.scaling == "rslora", "rsLoRA scaling alpha/sqrt(r)"),
+        (lora.init in inits, f"{inits.get(lora.init)} initialisation, published converted to a rank-{2 * lora.r} "
+                             "LoRA for the original base"),
+        (lora.loraplus_ratio != 1, f"LoRA+: B's learning rate x{lora.loraplus_ratio:g}"),
+    ] if applies]
+    if cfg.quant.mode == "nf4":
+        return f"QLoRA (4-bit NF4 base, {adapters} adapters{''.join('; ' + d for d in details)})"
+    return adapters + (f" ({'; '.join(details)})" if details else "")
+
+
 def _design_choices(cfg: Config, search: SearchRecord | None) -> DesignChoices:
     if search is None:
         return DesignChoices(
@@ -233,7 +254,7 @@ def render_markdown(audit: AuditRecord, version: int) -> str:
         f"- Method: {base.method}; quantization `{base.quantization['mode']}`, double quant "
         f"{base.quantization['double_quant']}, compute dtype {base.quantization['effective_compute_dtype']}",
         f"- LoRA r={base.lora.r}, alpha={base.lora.alpha}, dropout={base.lora.dropout}, "
-        f"targets: {', '.join(base.lora.target_modules)}",
+        f"targets: {', '.join(base.lora.target_modules)}" if base.lora else "- No LoRA: adapter layers",
         f"- Trainable parameters: {base.trainable_params:,} of {base.total_params:,} "
         f"({base.trainable_fraction:.3%})",
         "",
@@ -295,13 +316,17 @@ def render_markdown(audit: AuditRecord, version: int) -> str:
     elif change.parent_version:
         lines.append("- eval loss vs parent: not compared (the parent was evaluated on another eval set)")
     weights = change.weight_change
-    lines += [f"- Weight change: total ‖ΔW‖_F = {weights.total_frobenius_norm:.4f} over "
-              f"{len(weights.modules)} modules (ΔW = B·A·α/r)", "", "| most-changed module | ‖ΔW‖_F | effective rank |",
-              "|---|---|---|"]
-    by_name = {m.module: m for m in weights.modules}
-    for name in weights.most_changed:
-        lines.append(f"| `{name}` | {by_name[name].frobenius_norm:.4f} | {by_name[name].effective_rank:.2f} |")
-    lines += ["", "![per-layer weight change](delta_w.png)", "", "## 9. Samples: base vs adapter", ""]
+    if weights.modules:
+        lines += [f"- Weight change: total ‖ΔW‖_F = {weights.total_frobenius_norm:.4f} over "
+                  f"{len(weights.modules)} modules (ΔW = B·A·α/r)", "",
+                  "| most-changed module | ‖ΔW‖_F | effective rank |", "|---|---|---|"]
+        by_name = {m.module: m for m in weights.modules}
+        for name in weights.most_changed:
+            lines.append(f"| `{name}` | {by_name[name].frobenius_norm:.4f} | {by_name[name].effective_rank:.2f} |")
+        lines += ["", "![per-layer weight change](delta_w.png)"]
+    else:  # adapter layers: layers of their own, no weight of the base changes
+        lines += ["- Weight change: none; adapter layers add bottleneck layers and leave every base weight as it is"]
+    lines += ["", "## 9. Samples: base vs adapter", ""]
     if not audit.samples:
         lines += ["None (publish.audit_prompts is 0).", ""]
     for sample in audit.samples:
@@ -346,9 +371,10 @@ def model_card(audit: AuditRecord, version: int, license_id: str = "apache-2.0")
                  [{"type": "perplexity", "value": round(metrics.eval_perplexity, 3)}]))
     front = {
         "base_model": base.base_model.id,
-        "library_name": "peft",
+        "library_name": "peft" if base.lora else "loramill",  # PEFT cannot load adapter layers
         "license": license_id,
-        "tags": ["lora", "qlora" if "QLoRA" in base.method else "lora-fp", "loramill", audit.domain],
+        "tags": (["lora", "qlora" if "QLoRA" in base.method else "lora-fp"] if base.lora else ["adapter-layers"])
+        + ["loramill", audit.domain],
         "datasets": [audit.data["train"].url, audit.data["eval"].url],
         "model-index": [{
             "name": f"{audit.domain}-v{version}",
@@ -364,15 +390,23 @@ def model_card(audit: AuditRecord, version: int, license_id: str = "apache-2.0")
     return (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
         f"# {audit.domain} adapter v{version}\n\n"
-        f"A {base.method} adapter for `{base.base_model.id}` "
-        f"(r={base.lora.r}, alpha={base.lora.alpha}), trained by loramill.\n\n"
+        f"A {base.method} adapter for `{base.base_model.id}`"
+        f"{f' (r={base.lora.r}, alpha={base.lora.alpha})' if base.lora else ''}, trained by loramill.\n\n"
         f"- Intended use: {audit.intended_use_and_limitations.intended_use}\n"
         f"- Limitations: {audit.intended_use_and_limitations.limitations}\n"
         f"- Held-out eval loss {metrics.eval_loss:.4f} (base {metrics.base_eval_loss:.4f})\n\n"
-        "Load it with PEFT:\n\n```python\nfrom peft import PeftModel\n"
-        "model = PeftModel.from_pretrained(base_model, \"path/to/this/folder\")\n```\n\n"
+        f"{_loading_snippet(base)}\n\n"
         "What changed, on what data, and why it was or was not promoted: see [audit.md](audit.md).\n"
     )
+
+
+def _loading_snippet(base: Modification) -> str:
+    if base.lora is None:  # PEFT does not read adapter layers' files
+        return ("Load it with loramill (adapter layers hook into the base's decoder blocks; they cannot be merged):"
+                "\n\n```python\nfrom lora.generate import load_with_adapter\n"
+                "model = load_with_adapter(base_model, Path(\"path/to/this/folder\"))\n```")
+    return ("Load it with PEFT:\n\n```python\nfrom peft import PeftModel\n"
+            "model = PeftModel.from_pretrained(base_model, \"path/to/this/folder\")\n```")
 
 
 def plot_losses(history: list[dict[str, float]], path: Path) -> None:

@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from infra.registry import (
 )
 from lora.config import Config, ConfigError, Domain, is_local_path
 from lora.data import read_jsonl, to_labelled_text, to_messages
+from lora import bottleneck
 from lora.diff import adapter_deltas
 from lora.errors import DataError
 from lora.files import file_sha256
@@ -70,6 +72,8 @@ from pipelines.tracking import record_published
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILE_SETS = (ADAPTER_FILES, bottleneck.FILES)
+"""What loading an adapter needs, config first: a PEFT adapter's files, or adapter layers' (``lora.bottleneck``)."""
 
 
 @dataclass
@@ -91,7 +95,7 @@ class RunFingerprint:
 
     run_name: str
     adapter_sha256: tuple[str, ...]
-    """Of ``ADAPTER_FILES``, in that order."""
+    """Of ``adapter_file_names``, in that order."""
     config_sha256: str
     data_sha256: tuple[str, ...]
     """Of ``SPLITS``, in that order."""
@@ -118,15 +122,17 @@ def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False, se
     with tempfile.TemporaryDirectory(prefix="loramill-publish-") as staging_dir, \
             tempfile.TemporaryDirectory(prefix="loramill-gate-") as gate_dir:
         staging = Path(staging_dir)
-        for name in ADAPTER_FILES:
+        names = adapter_file_names(run_dir / "adapter")
+        for name in names:
             shutil.copy2(run_dir / "adapter" / name, staging / name)
-        adapter_config = json.loads((staging / "adapter_config.json").read_text())
-        deltas = adapter_deltas(staging)
+        adapter_config = json.loads((staging / names[0]).read_text())
+        deltas = [] if bottleneck.is_adapter_layers(staging) else adapter_deltas(staging)  # layers change no W
         incumbent, current = gate_incumbent(registry, cfg, domain.name, record, eval_set, Path(gate_dir) / "current")
         work = model_work_on_cluster(cfg, domain, record, staging, current)
         gate_decision = apply_gate(cfg, record, eval_set, incumbent, work.losses, force)
         audit_docs.plot_losses(history, staging / "loss_curves.png")
-        audit_docs.plot_deltas(deltas, staging / "delta_w.png")
+        if deltas:
+            audit_docs.plot_deltas(deltas, staging / "delta_w.png")
         # The version number and its parent are decided together, once the slow work is done and before any
         # document names either: the audit, its change log and the manifest all state this one decision.
         reservation = registry.reserve(domain.name)
@@ -195,7 +201,8 @@ def moved_there(registry: Registry, published: PublishedVersion, gate_decision: 
 def fingerprint_of_run(record: RunRecord, run_dir: Path, public_config: dict[str, Any]) -> RunFingerprint:
     return RunFingerprint(
         run_name=record.run_name,
-        adapter_sha256=tuple(file_sha256(run_dir / "adapter" / name) for name in ADAPTER_FILES),
+        adapter_sha256=tuple(file_sha256(run_dir / "adapter" / name)
+                             for name in adapter_file_names(run_dir / "adapter")),
         config_sha256=config_sha256(public_config),
         data_sha256=tuple(record.info.data[split].sha256 for split in SPLITS),
     )
@@ -207,11 +214,12 @@ def fingerprint_of_version(manifest: Manifest) -> RunFingerprint | None:
         metadata = ManifestMetadata.of(manifest)
     except RegistryError:
         return None
-    if not all(name in manifest.files for name in ADAPTER_FILES):
+    names = next((names for names in ADAPTER_FILE_SETS if all(name in manifest.files for name in names)), None)
+    if names is None:
         return None
     return RunFingerprint(
         run_name=metadata.run_name,
-        adapter_sha256=tuple(manifest.files[name].sha256 for name in ADAPTER_FILES),
+        adapter_sha256=tuple(manifest.files[name].sha256 for name in names),
         config_sha256=metadata.config_sha256,
         data_sha256=tuple(metadata.data[split].sha256 for split in SPLITS),
     )
@@ -242,16 +250,18 @@ def settle_again(registry: Registry, manifest: Manifest, force: bool) -> Outcome
 
 
 def check_publishable(cfg: Config) -> None:
-    """The registry holds adapters: a run of ``lora.method`` last_layers or full (trained base weights) is refused."""
-    if cfg.lora.method != "lora":
+    """The registry holds adapters (LoRA, or adapter layers): a run of ``lora.method`` last_layers or full (trained
+    base weights) is refused."""
+    if cfg.lora.method not in ("lora", "adapter_layers"):
         raise ConfigError([f"lora.method: a {cfg.lora.method} run changes the base's own weights; the registry "
-                           "publishes LoRA adapters only (lora.method=lora). Its weights stay in the run folder"])
+                           "publishes adapters only (lora.method=lora or adapter_layers). Its weights stay in the run "
+                           "folder"])
 
 
 def read_run(run_dir: Path) -> tuple[RunRecord, list[dict[str, float]]]:
     """The run's record and its history; ``RegistryError`` if ``run_dir`` is not a finished loramill run."""
-    missing = [f for f in (RESULT_FILE, HISTORY_FILE, "adapter/adapter_config.json",
-                           "adapter/adapter_model.safetensors") if not (run_dir / f).is_file()]
+    adapter = [f"adapter/{name}" for name in adapter_file_names(run_dir / "adapter")]
+    missing = [f for f in (RESULT_FILE, HISTORY_FILE, *adapter) if not (run_dir / f).is_file()]
     if missing:
         raise RegistryError(f"{run_dir} is not a finished loramill run (missing {', '.join(missing)}); "
                             "pass the folder `loramill train` printed")
@@ -345,6 +355,8 @@ class ModelWork:
     """The Ray node of the task that did it."""
     pid: int | None = None
     """The process of that task."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of each part (``load``: tokenizer, base and adapters; ``gate_eval``; ``samples``)."""
 
 
 def model_work_on_cluster(cfg: Config, domain: Domain, record: RunRecord, candidate: Path,
@@ -390,9 +402,15 @@ def model_work_task(cfg_dict: dict[str, Any], domain_name: str, record: RunRecor
     return replace(work, node_id=ray.get_runtime_context().get_node_id(), pid=os.getpid())
 
 
+def adapter_file_names(folder: Path) -> tuple[str, ...]:
+    """The files of ``ADAPTER_FILE_SETS`` that ``folder`` is made of: adapter layers' if it holds their config, else
+    PEFT's (also for a folder that holds neither: that is what a reader will find missing)."""
+    return bottleneck.FILES if bottleneck.is_adapter_layers(folder) else ADAPTER_FILES
+
+
 def adapter_files(folder: Path) -> dict[str, bytes]:
-    """The bytes of an adapter folder's ``ADAPTER_FILES``: all that loading it needs."""
-    return {name: (folder / name).read_bytes() for name in ADAPTER_FILES}
+    """The bytes of an adapter folder's ``adapter_file_names``: all that loading it needs."""
+    return {name: (folder / name).read_bytes() for name in adapter_file_names(folder)}
 
 
 def model_work(cfg: Config, domain: Domain, record: RunRecord, candidate: Path, current: Path | None) -> ModelWork:
@@ -413,6 +431,8 @@ def model_work(cfg: Config, domain: Domain, record: RunRecord, candidate: Path, 
 
     transformers.utils.logging.disable_progress_bar()
     classify = cfg.task == "sequence_classification"
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
     model_dir = resolve_model_dir(cfg.model)
     backend = dispatch_backend(cfg.quant, use_gpu=cfg.cluster.use_gpu)
     tokenizer = load_tokenizer(cfg.model, model_dir, chat=not classify)
@@ -420,19 +440,25 @@ def model_work(cfg: Config, domain: Domain, record: RunRecord, candidate: Path, 
     torch.manual_seed(cfg.train.seed)  # a classifier's new head: initialised as in training
     base = load_base_model(model_dir, cfg.model, cfg.quant, backend, domain.labels, tokenizer.pad_token_id)
     model = load_adapters(base, {"candidate": candidate} | ({"current": current} if current else {}))
+    seconds["load"] = time.perf_counter() - started
     losses: dict[str | None, float] | None = None
     if examples is not None:
+        started = time.perf_counter()
         losses = {}
         for name in (None, "candidate", "current"):
             with use_adapter(model, name):
                 losses[name] = evaluate(model, examples, cfg.train.micro_batch_size, tokenizer.pad_token_id,
                                         backend.device)["eval_loss"]
+        seconds["gate_eval"] = time.perf_counter() - started
     answers: list[dict[str, str]] = []
     if prompts:
+        started = time.perf_counter()
         with use_adapter(model, "candidate"):
             answers = classify_side_by_side(model, tokenizer, prompts, cfg.train.max_seq_len) if classify else \
                 side_by_side(model, tokenizer, prompts, cfg.publish.audit_max_new_tokens)
-    return ModelWork([Sample.model_validate(answer) for answer in answers], losses, str(backend.device))
+        seconds["samples"] = time.perf_counter() - started
+    return ModelWork([Sample.model_validate(answer) for answer in answers], losses, str(backend.device),
+                     seconds=seconds)
 
 
 def eval_examples(cfg: Config, domain: Domain, record: RunRecord, tokenizer: Any) -> list[Any]:

@@ -300,7 +300,8 @@ class Modification(Record):
     labels: list[str] | None
     method: str
     quantization: dict[str, Any]
-    lora: LoraShape
+    lora: LoraShape | None
+    """None for adapter layers (``method`` names their width)."""
     trainable_params: int
     total_params: int
     trainable_fraction: float

@@ -58,6 +58,11 @@ class TrialResult(Record):
     learning_rate: float
     dropout: float
     target_modules: str | list[str]
+    variant: str = "lora"
+    scaling: str = "standard"
+    init: str = "default"
+    loraplus_ratio: float = 1.0
+    """The LoRA variant settings (``tune.variants`` ...); defaults for sweeps recorded before they existed."""
     eval_loss: float | None
     """The last evaluation's loss (None when the trial failed before its first)."""
     steps: int
@@ -102,7 +107,8 @@ class BestTrial(Record):
     eval_loss: float
     steps: int
     lora: dict[str, Any]
-    """r, alpha, dropout and target_modules, as the ``lora`` config section takes them."""
+    """r, alpha, dropout, target_modules and the variant settings the sweep chose (``tune.variants`` ...), as the
+    ``lora`` config section takes them."""
     learning_rate: float
     experiment: str
 
@@ -165,6 +171,10 @@ def fit_trial_trainer(cfg: Config, domain: Domain, display: Display, tracking: T
                   callbacks=[TuneReportCallback()]).fit()
 
 
+VARIANT_CHOICES = {"variants": "variant", "scalings": "scaling", "inits": "init", "loraplus_ratios": "loraplus_ratio"}
+"""``tune`` choice lists and the ``lora`` setting each one sweeps (the trial's parameter has the setting's name)."""
+
+
 def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
     """``cfg`` with a trial's values in ``lora`` and ``train.learning_rate``, validated again."""
     raw = cfg.model_dump()
@@ -175,6 +185,9 @@ def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
     if "target_modules" in params:
         label = params["target_modules"]
         raw["lora"]["target_modules"] = label if label == "all-linear" else label.split(",")
+    for key in VARIANT_CHOICES.values():
+        if key in params:
+            raw["lora"][key] = params[key]
     raw["train"]["learning_rate"] = params["learning_rate"]
     return Config.model_validate(raw)
 
@@ -198,6 +211,9 @@ def search_space(settings: TuneSettings) -> dict[str, Any]:
         space["dropout"] = pick(settings.dropouts)
     if settings.target_module_sets:
         space["target_modules"] = pick([s if s == "all-linear" else ",".join(s) for s in settings.target_module_sets])
+    for choices, key in VARIANT_CHOICES.items():
+        if getattr(settings, choices):
+            space[key] = pick(getattr(settings, choices))
     return space
 
 
@@ -353,6 +369,7 @@ def trial_result(cfg: Config, result: Any) -> TrialResult:
         learning_rate=trial_cfg.train.learning_rate,
         dropout=trial_cfg.lora.dropout,
         target_modules=trial_cfg.lora.target_modules,
+        **{key: getattr(trial_cfg.lora, key) for key in VARIANT_CHOICES.values()},
         eval_loss=evals[-1][1] if evals else None,
         steps=int(max((row.get(STEP, 0) for row in rows), default=0)),
         train_seconds=float(last.get("train_seconds", 0.0)),
@@ -378,7 +395,8 @@ def write_outputs(cfg: Config, sweep: SweepResult) -> Path:
     best = sweep.best_trial
     BestTrial(
         domain=sweep.domain, trial_id=best.trial_id, eval_loss=best.eval_loss, steps=best.steps,
-        lora={"r": best.r, "alpha": best.alpha, "dropout": best.dropout, "target_modules": best.target_modules},
+        lora={"r": best.r, "alpha": best.alpha, "dropout": best.dropout, "target_modules": best.target_modules}
+        | {key: getattr(best, key) for choices, key in VARIANT_CHOICES.items() if getattr(cfg.tune, choices)},
         learning_rate=best.learning_rate, experiment=sweep.experiment,
     ).write(target / BEST_FILE)
     return target

@@ -1,4 +1,4 @@
-"""What runs on every Ray Train worker (and in every Tune trial): one DDP rank of one domain's run.
+"""What runs on every Ray Train worker (and in every Tune trial): one rank (DDP or FSDP) of one domain's run.
 
 ``train_worker`` is the Ray Train worker function; ``train_domain`` loads the base, makes trainable what
 ``lora.method`` says, resumes from the session's latest checkpoint, trains, and reports metrics, checkpoints and
@@ -8,10 +8,11 @@ its progress is ``pipelines.progress``.
 
 from __future__ import annotations
 
+import os
 import platform
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,11 @@ from lora.train import (
     TrainState,
     build_optimizer,
     eval_share,
+    gather_training_state,
     gpu_batch_tokens,
     load_training_state,
     save_training_state,
+    sharded_root,
     total_steps,
     train,
 )
@@ -70,7 +73,7 @@ class WorkerSession:
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """The Ray Train worker function: one DDP rank of one domain's run."""
+    """The Ray Train worker function: one rank of one domain's run."""
     cfg = Config.model_validate(loop_config["cfg"])
     train_domain(cfg, cfg.domain(loop_config["domain"]), WorkerSession.ray_train(), loop_config["display"],
                  loop_config["tracking"])
@@ -88,16 +91,22 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
     torch.manual_seed(cfg.train.seed)
 
     backend = dispatch_backend(cfg.quant, cfg.cluster.use_gpu, session.local_rank)
+    _cap_cuda_memory(backend.device)
+    sharded = cfg.train.strategy == "fsdp" and world_size > 1
     model_dir = resolve_model_dir(cfg.model)
     chat = cfg.task == "causal_lm"
     tokenizer = _memo(("tokenizer", cfg.model.model_dump_json(), str(model_dir), chat),
                       lambda: load_tokenizer(cfg.model, model_dir, chat=chat))
     train_examples, train_stats = _tokenized(domain.train, domain, tokenizer, cfg)
     eval_examples, eval_stats = _tokenized(domain.eval, domain, tokenizer, cfg)
-    base_key, model = _borrow_base_model(model_dir, cfg, backend, domain.labels, tokenizer.pad_token_id)
+    # A sharded run loads the base into CPU memory, as its GPU may not hold it whole: fully_shard moves the shards.
+    load_backend = replace(backend, device=torch.device("cpu")) if sharded else backend
+    base_key, model = _borrow_base_model(model_dir, cfg, load_backend, domain.labels, tokenizer.pad_token_id)
     kernels = use_fused_kernels(model, backend) if cfg.train.fused_kernels else "none: train.fused_kernels=false"
     model = prepare_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
     trainable, total = parameter_counts(model)
+    if sharded:
+        _shard_base(model, backend.device, world_size)
     if cfg.cluster.use_gpu and chat and cfg.train.batch_tokens is None:
         train_cfg = cfg.train.model_copy(update={"batch_tokens": _budget_for_this_gpu(model, cfg, backend.device)})
         cfg = cfg.model_copy(update={"train": train_cfg})
@@ -106,13 +115,13 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
                   world_size)
     batching = Batching.of(cfg.train)
     steps = total_steps(shard, cfg.train)
-    optimizer, scheduler = build_optimizer(model, cfg.train, steps)
+    optimizer, scheduler = build_optimizer(model, cfg.train, steps, cfg.lora.loraplus_ratio)
     state = TrainState()
     if checkpoint := session.get_checkpoint():
         with checkpoint.as_directory() as directory:
             state = load_training_state(Path(directory), model, optimizer, scheduler)
         state.resumed_from_step.append(state.step)
-    if world_size > 1:
+    if world_size > 1 and not sharded:
         device_ids = [backend.device.index] if backend.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
@@ -152,9 +161,10 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
         if not save:
             session.report(metrics)
             return
+        gathered = gather_training_state(model, optimizer) if sharded else None  # collective: every rank
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:
-                save_training_state(Path(directory), model, optimizer, scheduler, state, base_model_id)
+                save_training_state(Path(directory), model, optimizer, scheduler, state, base_model_id, gathered)
                 run_info.write(Path(directory) / RUN_INFO_FILE)
             session.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
 
@@ -176,12 +186,49 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
 
 def _budget_for_this_gpu(model: torch.nn.Module, cfg: Config, device: torch.device) -> int:
     """``gpu_batch_tokens`` for the least free memory of any rank: ranks with other budgets would take different
-    numbers of micro batches and wait for each other forever."""
-    free = torch.tensor(torch.cuda.mem_get_info(device)[0], device=device)
+    numbers of micro batches and wait for each other forever. Under a ``MEMORY_FRACTION_ENV`` cap, the memory free
+    is what the cap leaves."""
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    if fraction := os.environ.get(MEMORY_FRACTION_ENV):
+        free_bytes = min(free_bytes, int(float(fraction) * total_bytes) - torch.cuda.memory_reserved(device))
+    free = torch.tensor(free_bytes, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
     shape = model.config.get_text_config()
     return gpu_batch_tokens(shape.hidden_size, shape.num_hidden_layers, int(free.item()), cfg.train)
+
+
+MEMORY_FRACTION_ENV = "LORAMILL_CUDA_MEMORY_FRACTION"
+"""For benchmarks: the share of its GPU's memory each training process may allocate (0 to 1), which
+``torch.cuda.set_per_process_memory_fraction`` enforces. bench/bench_fsdp.py sets it to show that a base which one GPU
+so capped cannot hold trains with ``train.strategy: fsdp`` on several."""
+
+
+def _cap_cuda_memory(device: torch.device) -> None:
+    if device.type == "cuda" and (fraction := os.environ.get(MEMORY_FRACTION_ENV)):
+        torch.cuda.set_per_process_memory_fraction(float(fraction), device)
+
+
+def _shard_base(model: torch.nn.Module, device: torch.device, world_size: int) -> None:
+    """FSDP2 (``fully_shard``) across the run's ranks, in place: each decoder block (the classes transformers keeps
+    whole when it spreads a model over devices, ``_no_split_modules``) is a unit, gathered for its forward and its
+    backward and freed after; the rest (embeddings, final norm, output head) is the root unit. Each unit's shard moves
+    to ``device``. The LoRA weights shard with their blocks; the frozen base weights take no gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (world_size,))
+    base = model.get_base_model()
+    block_classes = set(base._no_split_modules or ())
+    blocks = [m for m in base.modules() if type(m).__name__ in block_classes]
+    if not blocks:
+        raise RuntimeError(f"train.strategy=fsdp: {type(base).__name__} names no decoder block class "
+                           "(_no_split_modules) to shard by; set train.strategy=ddp")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(base, mesh=mesh)
 
 
 def data_check(data: dict[str, DataSplit]) -> Check:
@@ -198,8 +245,11 @@ def trainable_check(cfg: Config, trainable: int) -> Check:
     name = "trainable parameters match the count computed from the base's shapes"
     if cfg.lora.method == "full":
         return Check(name=name, status="not run", evidence="lora.method=full trains every weight; nothing to compare")
-    rule = {"lora": f"r={cfg.lora.r} x (in + out) summed over the target layers"
+    rule = {"lora": f"r={cfg.lora.r} x (in + out)" + (" + out (DoRA magnitudes)" if cfg.lora.variant == "dora" else "")
+                    + " summed over the target layers"
                     + (" + the classification head" if cfg.task == "sequence_classification" else ""),
+            "adapter_layers": f"2 bottlenecks of width {cfg.lora.adapter_size} per decoder block, each "
+                              "2 x hidden x width + hidden + width",
             "last_layers": f"the parameters of the last {cfg.lora.last_layers} blocks and the head"}[cfg.lora.method]
     return Check(name=name, status="passed", evidence=f"{trainable:,} trainable = {rule}")
 
@@ -241,9 +291,10 @@ def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend, lab
     The base leaves the cache while lent: a run that never gives it back (killed mid-step) leaves nothing
     behind, so the next run loads afresh instead of training on a base that still carries LoRA layers.
     """
-    if cfg.lora.method != "lora" or cfg.task != "causal_lm":
+    if cfg.lora.method != "lora" or cfg.task != "causal_lm" or cfg.lora.init != "default":
         # Not given back (key None): last_layers and full train the base's own weights, and peft's unload() of a
-        # sequence classifier leaves the *trained* copy of the head in the base (modules_to_save).
+        # sequence classifier leaves the *trained* copy of the head in the base (modules_to_save). PiSSA/OLoRA
+        # subtract B0.A0 from the base's weights, which unload() does not put back; adapter layers hook into it.
         return None, load_base_model(model_dir, cfg.model, cfg.quant, backend, labels, pad_token_id)
     key = (str(model_dir), cfg.model.revision, cfg.quant.model_dump_json(), repr(backend),
            cfg.train.gradient_checkpointing)
@@ -263,8 +314,8 @@ def _give_back_base_model(key: tuple | None, model: torch.nn.Module) -> None:
     bitsandbytes from repacking them (``keep_4bit_layers_differentiable``). tests/test_tune.py checks that a run on
     a given-back base reproduces a fresh one exactly.
     """
-    if key is None:
-        return  # a base that cannot be reused (see _borrow_base_model)
+    if key is None or sharded_root(model) is not None:
+        return  # a base that cannot be reused (see _borrow_base_model), or one sharded in place by FSDP
     base = getattr(model, "module", model).unload()  # .module: DDP-wrapped on multi-worker runs
     base.disable_input_require_grads()
     base.eval()

@@ -138,12 +138,13 @@ def export(
     RegistryError if ``to`` exists (nothing is touched) or the version does not, ConfigError on a base mismatch.
     """
     from lora.model import load_tokenizer
-    from lora.serve import merge
+    from lora.serve import merge, refuse_merging_adapter_layers
 
     to = Path(to).absolute()
     _refuse_existing(to)
     registry = open_registry(cfg)
     adapter = fetch(registry, domain, ref, cache_root or default_cache_root())
+    refuse_merging_adapter_layers(adapter.path)  # before the base is loaded: nothing of it could be used
     model_dir = resolve_model_dir(cfg.model)
     base_model = check_base(cfg, model_dir, adapter)
     _quiet_transformers()

@@ -134,8 +134,17 @@ def test_concurrent_publishes_name_one_parent_in_audit_and_manifest(place: Place
     registry = Registry(place.url, place.options or None)
     assert sorted(versions) == list(range(2, PUBLISHERS + 2))
     assert registry.versions("medical") == list(range(1, PUBLISHERS + 2))
+    assert sorted(place.fs.find(f"{place.root}/serve/medical.latest")) == sorted(
+        f"{place.root}/serve/medical.latest/{name}" for name in ("adapter_config.json", WEIGHTS))
     for version in range(1, PUBLISHERS + 2):
         manifest = registry.verify("medical", version)
+        # The version folder holds exactly its manifest's files (claims live in medical/claims/), and its serving
+        # view exactly the two adapter files, as published.
+        folder = f"{place.root}/medical/v{version}"
+        assert sorted(p[len(folder) + 1:] for p in place.fs.find(folder)) == sorted([*manifest.files, "manifest.json"])
+        for name in ("adapter_config.json", WEIGHTS):
+            view = place.fs.cat_file(f"{place.root}/serve/medical.v{version}/{name}")
+            assert view == place.fs.cat_file(f"{folder}/{name}"), f"v{version} {name}"
         audit = published_audit(registry, version, tmp_path / "pulled")
         parent = manifest.parent_version
         assert audit["prepared_as_version"] == version

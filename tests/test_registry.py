@@ -35,6 +35,7 @@ from infra.registry import (
     validate_name,
 )
 from infra.store import StoreInfo
+from lora import bottleneck
 from lora.config import load_config
 from pipelines.cli import app
 from pipelines.registry_access import open_registry
@@ -100,6 +101,36 @@ def raw_path(target: Target, domain: str, rel: str) -> str:
     return f"{target.root}/{domain}/{rel}"
 
 
+def stored(target: Target, folder: str) -> dict[str, bytes]:
+    """Every object below `<root>/<folder>/`, by its path relative to it, read straight from the store."""
+    base = f"{target.root}/{folder}"
+    return {path[len(base) + 1:]: target.fs.cat_file(path) for path in target.fs.find(base)}
+
+
+def view(target: Target, name: str) -> dict[str, bytes]:
+    return stored(target, f"serve/{name}")
+
+
+def version_files(target: Target, domain: str, version: int) -> dict[str, bytes]:
+    return stored(target, f"{domain}/v{version}")
+
+
+def adapter_of(target: Target, domain: str, version: int) -> dict[str, bytes]:
+    """What the serving view of a version must hold: its two adapter files, as published."""
+    files = version_files(target, domain, version)
+    return {name: files[name] for name in ("adapter_config.json", WEIGHTS)}
+
+
+def variant(adapter: TinyAdapter, folder: Path, dropout: float) -> Path:
+    """The adapter with another lora_dropout in its config: other bytes, the same outputs in eval mode."""
+    folder.mkdir(parents=True)
+    for source in adapter.path.iterdir():
+        (folder / source.name).write_bytes(source.read_bytes())
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"lora_dropout": dropout}))
+    return folder
+
+
 # ------------------------------------------------------------------ publish, list, pull
 
 
@@ -127,9 +158,26 @@ def test_publish_list_pull_roundtrip(target: Target, adapter: TinyAdapter, tmp_p
         assert (dest / source.name).read_bytes() == source.read_bytes()
     torch.testing.assert_close(adapter.load(dest), adapter.logits)
 
-    second = reg.publish("medical", adapter.path, METADATA)
+    # The version folder holds exactly its manifest's files; the claim lives beside it; the serving view holds the
+    # two adapter files of v1, under the version and under `latest`.
+    assert sorted(version_files(target, "medical", 1)) == sorted([*manifest.files, "manifest.json"])
+    assert sorted(stored(target, "medical/claims")) == ["v1.json"]
+    assert view(target, "medical.v1") == view(target, "medical.latest") == adapter_of(target, "medical", 1)
+    assert sorted(stored(target, "serve")) == sorted(f"{name}/{file}" for name in ("medical.latest", "medical.v1")
+                                                      for file in ("adapter_config.json", WEIGHTS))
+    assert reg.view_location() == f"{reg.url}/serve"
+    assert reg.view_location("medical", "latest") == f"{reg.url}/serve/medical.latest"
+    assert reg.view_location("medical", 1) == reg.view_location("medical", "v1") == f"{reg.url}/serve/medical.v1"
+    assert reg.domains() == ["medical"]  # the view is no domain
+
+    second = reg.publish("medical", variant(adapter, tmp_path / "second", 0.25), METADATA)
     assert (second.version, second.manifest.parent_version) == (2, 1)
     assert reg.resolve("medical") == 2 and reg.alias("medical", "latest").history[-1]["from"] == 1
+    assert view(target, "medical.latest") == view(target, "medical.v2") == adapter_of(target, "medical", 2)
+    assert view(target, "medical.v1") == adapter_of(target, "medical", 1) != adapter_of(target, "medical", 2)
+    assert sorted(version_files(target, "medical", 2)) == sorted([*second.manifest.files, "manifest.json"])
+    assert reg.settle(second.manifest).unverified is None  # settling again leaves the views as they are
+    assert view(target, "medical.v2") == adapter_of(target, "medical", 2)
 
 
 def test_concurrent_publishes_get_distinct_complete_versions(target: Target, adapter: TinyAdapter) -> None:
@@ -151,14 +199,18 @@ def test_concurrent_publishes_get_distinct_complete_versions(target: Target, ada
     for manifest in manifests:  # a parent is an earlier complete version (which one depends on who finished first)
         assert manifest.parent_version is None or manifest.parent_version < manifest.version
         assert manifest.skipped_parents == []
+        # Only the manifest's files: every claim is in claims/, none inside a version folder.
+        assert sorted(version_files(target, "legal", manifest.version)) == sorted([*manifest.files, "manifest.json"])
+        assert view(target, f"legal.v{manifest.version}") == adapter_of(target, "legal", manifest.version)
+    assert sorted(stored(target, "legal/claims")) == sorted(f"v{v}.json" for v in range(1, 9))
 
 
 def test_concurrent_promotes_exactly_one_wins_and_history_keeps_every_move(
-    target: Target, adapter: TinyAdapter
+    target: Target, adapter: TinyAdapter, tmp_path: Path
 ) -> None:
     reg = target.registry
-    for _ in range(3):
-        reg.publish("support", adapter.path, {})
+    for version in range(1, 4):
+        reg.publish("support", variant(adapter, tmp_path / f"v{version}", version / 10), {})
 
     def race(expected: int | None | str, versions: list[int]) -> tuple[list[int], int]:
         start = threading.Barrier(len(versions))
@@ -179,6 +231,7 @@ def test_concurrent_promotes_exactly_one_wins_and_history_keeps_every_move(
     winners, conflicts = race(None, [1, 2, 3, 1, 2, 3])
     assert (len(winners), conflicts) == (1, 5)
     assert reg.alias("support", "prod").version == winners[0]
+    assert view(target, "support.prod") == adapter_of(target, "support", winners[0])
 
     previous = winners[0]
     winners, conflicts = race(previous, [v for v in (1, 2, 3) if v != previous] * 3)
@@ -190,6 +243,8 @@ def test_concurrent_promotes_exactly_one_wins_and_history_keeps_every_move(
     assert (len(winners), conflicts) == (4, 0)
 
     state = reg.alias("support", "prod")
+    # However the four switches interleaved, the view ends on the version the alias points at last.
+    assert view(target, "support.prod") == adapter_of(target, "support", state.version)
     assert len(state.history) == state.generation == 6
     assert state.history[0]["from"] is None
     for before, after in zip(state.history, state.history[1:], strict=False):
@@ -215,6 +270,54 @@ def test_flipped_byte_in_weights_is_refused(target: Target, adapter: TinyAdapter
     assert [p for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
     with pytest.raises(IntegrityError, match=WEIGHTS):
         target.registry.verify("medical", 1)
+
+
+def test_tampered_version_never_reaches_the_serving_view(target: Target, adapter: TinyAdapter,
+                                                         tmp_path: Path) -> None:
+    reg = target.registry
+    reg.publish("medical", adapter.path, {})
+    reg.promote("medical", 1, "prod")
+    second = reg.publish("medical", variant(adapter, tmp_path / "second", 0.5), {})
+    path = raw_path(target, "medical", f"v2/{WEIGHTS}")
+    data = bytearray(target.fs.cat_file(path))
+    data[len(data) // 2] ^= 0xFF
+    target.fs.pipe_file(path, bytes(data))
+
+    with pytest.raises(IntegrityError, match=WEIGHTS):
+        reg.promote("medical", 2, "prod")
+    assert reg.alias("medical", "prod").version == 1  # refused before the alias moved
+    assert view(target, "medical.prod") == adapter_of(target, "medical", 1)
+    # A version tampered with before its view was written (here: the view removed, then settled again) is not
+    # copied either.
+    target.fs.rm(f"{target.root}/serve/medical.v2", recursive=True)
+    with pytest.raises(IntegrityError, match=WEIGHTS):
+        reg.settle(second.manifest)
+    assert view(target, "medical.v2") == {}
+    # An audit file changed after publishing fails verification too: no alias moves to that version.
+    third = reg.publish("medical", variant(adapter, tmp_path / "third", 0.75), {}).version
+    target.fs.pipe_file(raw_path(target, "medical", f"v{third}/README.md"), b"rewritten")
+    with pytest.raises(IntegrityError, match="README.md"):
+        reg.promote("medical", third, "prod")
+    assert view(target, "medical.prod") == adapter_of(target, "medical", 1)
+
+
+def test_adapter_layers_get_no_serving_view_and_an_alias_moved_to_them_leaves_none(
+        target: Target, adapter: TinyAdapter, tmp_path: Path) -> None:
+    """vLLM and Ray Serve load PEFT adapters only: a version of adapter layers is published but not served, and an
+    alias moved to it must not keep serving the LoRA version it pointed at before."""
+    reg = target.registry
+    reg.publish("medical", adapter.path, {})
+    reg.promote("medical", 1, "prod")
+    model = LlamaForCausalLM(adapter.config)
+    bottleneck.add_adapter_layers(model, size=4)
+    bottleneck.save(model, tmp_path / "layers", "tests/tiny-llama")
+    second = reg.publish("medical", tmp_path / "layers", {})
+    assert second.unverified is None and reg.alias("medical", "latest").version == 2
+    assert view(target, "medical.v2") == {} and view(target, "medical.latest") == {}
+    reg.promote("medical", 2, "prod")
+    assert view(target, "medical.prod") == {}
+    reg.promote("medical", 1, "prod")
+    assert view(target, "medical.prod") == adapter_of(target, "medical", 1)
 
 
 def test_versions_failing_verification_are_skipped_as_parent_and_described(target: Target,
@@ -273,7 +376,7 @@ def test_version_without_manifest_is_invisible_and_collected(target: Target, ada
     reg = target.registry
     reg.publish("medical", adapter.path, {})
     # An upload that died before its manifest: a claim and one file.
-    target.fs.pipe_file(raw_path(target, "medical", "v2/.claim"), b'{"claimed_at": "2026-01-01T00:00:00+00:00"}')
+    target.fs.pipe_file(raw_path(target, "medical", "claims/v2.json"), b'{"claimed_at": "2026-01-01T00:00:00+00:00"}')
     target.fs.pipe_file(raw_path(target, "medical", f"v2/{WEIGHTS}"), b"partial")
 
     assert reg.versions("medical") == [1] and reg.resolve("medical") == 1
@@ -281,9 +384,25 @@ def test_version_without_manifest_is_invisible_and_collected(target: Target, ada
         reg.resolve("medical", "v2")
     assert reg.gc(grace_s=3600) == []
     assert reg.gc("medical", grace_s=0) == [reg.location("medical", 2)]
-    assert not [p for p in target.fs.find(f"{target.root}/medical") if "/v2/" in p]
+    assert not [p for p in target.fs.find(f"{target.root}/medical") if "/v2/" in p or p.endswith("/v2.json")]
     assert reg.versions("medical") == [1]
     assert reg.publish("medical", adapter.path, {}).version == 2  # nothing of the abandoned v2 is left
+
+
+def test_claim_left_in_a_version_by_an_older_loramill_is_tolerated_and_collected(
+    target: Target, adapter: TinyAdapter, tmp_path: Path
+) -> None:
+    reg = target.registry
+    reg.publish("medical", adapter.path, {})
+    legacy = raw_path(target, "medical", "v1/.claim")
+    target.fs.pipe_file(legacy, b'{"claimed_at": "2026-01-01T00:00:00+00:00"}')
+
+    assert reg.verify("medical", 1) and [row.problem for row in reg.describe("medical")] == [None]
+    reg.pull("medical", 1, tmp_path / "pulled")
+    assert reg.gc(grace_s=3600) == [f"{target.registry.url}/medical/v1/.claim"]  # a finished claim: no grace
+    manifest = reg.manifest("medical", 1)
+    assert sorted(version_files(target, "medical", 1)) == sorted([*manifest.files, "manifest.json"])
+    assert reg.publish("medical", adapter.path, {}).version == 2
 
 
 def test_pull_into_existing_dest_is_refused(target: Target, adapter: TinyAdapter, tmp_path: Path) -> None:
@@ -369,11 +488,17 @@ def test_every_object_of_a_version_is_written_once_under_object_lock(
     assert row.lock is not None and row.lock.mode == reg.retention.mode.upper()
     assert abs(row.lock.until - (reserved_at + timedelta(days=1))).total_seconds() < 30
     keys = [entry["Key"] for entry in client.list_objects_v2(Bucket=bucket, Prefix="adapters/medical/v1/")["Contents"]]
-    assert sorted(key.rsplit("/", 1)[1] for key in keys) == sorted([".claim", "manifest.json",
+    assert sorted(key.rsplit("/", 1)[1] for key in keys) == sorted(["manifest.json",
                                                                       *(p.name for p in adapter.path.iterdir())])
-    for key in keys:
+    # The version's serving view is kept as long as the version; the claim and the alias's view carry no lock, so
+    # that gc can remove an abandoned claim and a switch leaves no locked old copy behind.
+    view_keys = [f"adapters/serve/medical.v1/{name}" for name in ("adapter_config.json", WEIGHTS)]
+    for key in keys + view_keys:
         head = client.head_object(Bucket=bucket, Key=key)
         assert (head["ObjectLockMode"], head["ObjectLockRetainUntilDate"]) == (row.lock.mode, row.lock.until), key
+    for key in ["adapters/medical/claims/v1.json", *(f"adapters/serve/medical.latest/{name}"
+                                                      for name in ("adapter_config.json", WEIGHTS))]:
+        assert "ObjectLockMode" not in client.head_object(Bucket=bucket, Key=key), key
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "domains": [{"name": "medical", "train": "t.jsonl", "eval": "e.jsonl", "intended_use": "tests",
@@ -428,7 +553,7 @@ def test_embedded_registry_keeps_versions_write_once_by_default(
                           aws_secret_access_key=s3_store.secret, region_name="us-east-1")
     prefix = f"adapters/{domain}/v1/"
     keys = [entry["Key"] for entry in client.list_objects_v2(Bucket=s3_store.bucket, Prefix=prefix)["Contents"]]
-    assert len(keys) == len(list(adapter.path.iterdir())) + 2  # the adapter's files, the claim and the manifest
+    assert len(keys) == len(list(adapter.path.iterdir())) + 1  # the adapter's files and the manifest
     for key in keys:
         head = client.head_object(Bucket=s3_store.bucket, Key=key)
         assert head["ObjectLockMode"] == "GOVERNANCE", key
@@ -450,11 +575,12 @@ def test_embedded_registry_keeps_versions_write_once_by_default(
     stored = client.get_object(Bucket=s3_store.bucket, Key=key, VersionId=published)["Body"].read()
     assert stored == (adapter.path / WEIGHTS).read_bytes()
 
-    # gc on the locked bucket: the abandoned upload's locked claim goes behind a delete marker, so the folder is gone
-    # from every listing and its number free again; v1 is untouched.
+    # gc on the locked bucket: the abandoned reservation's claim (never locked) goes, and its number is free again;
+    # v1 is untouched.
     assert reg.reserve(domain).version == 2
     assert reg.gc(domain, grace_s=0) == [reg.location(domain, 2)]
-    assert client.list_objects_v2(Bucket=s3_store.bucket, Prefix=f"adapters/{domain}/v2/").get("KeyCount") == 0
+    claims = client.list_objects_v2(Bucket=s3_store.bucket, Prefix=f"adapters/{domain}/claims/")["Contents"]
+    assert [entry["Key"].rsplit("/", 1)[1] for entry in claims] == ["v1.json"]
     assert reg.versions(domain) == [1] and reg.reserve(domain).version == 2
     # Governance mode: the store's own admin key can still remove a version early, when it says so.
     client.delete_object(Bucket=s3_store.bucket, Key=key, VersionId=published, BypassGovernanceRetention=True)
@@ -485,6 +611,12 @@ def test_bad_names_are_refused_with_the_fix(bad: str, tmp_path: Path, adapter: T
     assert message in str(caught.value)
     with pytest.raises(RegistryError, match="alias name"):
         reg.promote("medical", 1, bad)
+    assert not (tmp_path / "registry").exists()
+
+
+def test_domain_named_like_the_serving_view_is_refused(tmp_path: Path, adapter: TinyAdapter) -> None:
+    with pytest.raises(RegistryError, match="domain name 'serve' is reserved: <registry>/serve/ holds the serving view"):
+        Registry(f"file://{tmp_path}/registry").publish("serve", adapter.path, {})
     assert not (tmp_path / "registry").exists()
 
 
@@ -569,10 +701,11 @@ _KEY_REGISTRIES = (Registry("s3://loramill/team/adapters"), Registry("file:///sr
 
 @settings(max_examples=200, deadline=None)
 @given(
-    domain=st.from_regex(NAME_PATTERN, fullmatch=True).filter(lambda s: len(s) <= 64),
+    domain=st.from_regex(NAME_PATTERN, fullmatch=True).filter(lambda s: len(s) <= 64 and s != "serve"),
     version=st.integers(1, 10**6),
 )
 def test_computed_keys_stay_under_the_prefix(domain: str, version: int) -> None:
     for reg in _KEY_REGISTRIES:
         assert reg.location(domain).startswith(reg.url + "/")
         assert reg.location(domain, version).startswith(reg.url + "/")
+        assert reg.view_location(domain, version).startswith(reg.url + "/serve/")

@@ -317,7 +317,7 @@ def test_store_killed_mid_publish_and_left_down_fails_clearly_and_leaves_nothing
     info = store_up(fragile_store)  # back, on the same data
     fs = _raw_fs(info)
     left = _objects(fs, f"{info.bucket}/{prefix}")
-    assert "medical/v1/.claim" in left and "medical/v1/manifest.json" not in left
+    assert "medical/claims/v1.json" in left and "medical/v1/manifest.json" not in left
     # The kill landed inside the weights' multipart upload: the server holds its unfinished parts.
     assert _uploads(fs, info.bucket, prefix) == [f"{prefix}/medical/v1/adapter_model.safetensors"]
     fresh = Registry(url, info.storage_options())

@@ -14,18 +14,28 @@ from infra.registry.errors import ConflictError, IntegrityError
 from infra.registry.rules import LATEST
 
 _CAS_ATTEMPTS = 50
+_READ_ATTEMPTS = 5
 
 
 def read_alias(conn: Connection, domain: str, alias: str) -> tuple[AliasState | None, str | None]:
     """(state, etag) of a validated domain's validated alias; (None, None) if it was never set."""
     path = conn.path(domain, "aliases", f"{alias}.json")
-    found = conn.read(path, f"reading alias {alias} of {domain}")
-    if found is None:
-        return None, None
-    try:
-        return AliasState.model_validate_json(found[0]), found[1]
-    except ValidationError:
-        raise IntegrityError(f"{conn.url(path)} is malformed: restore it from the store's history") from None
+    seen: bytes | None = None
+    for _ in range(_READ_ATTEMPTS):
+        found = conn.read(path, f"reading alias {alias} of {domain}")
+        if found is None:
+            return None, None
+        try:
+            return AliasState.model_validate_json(found[0]), found[1]
+        except ValidationError:
+            if found[0] == seen:
+                break
+            # Seen on SeaweedFS with eight publishers moving `latest` at once (and readers of it switching the
+            # serving view): a GET racing an overwrite answered bytes that do not parse. Only the same bad bytes
+            # read twice are a malformed document.
+            seen = found[0]
+            time.sleep(random.uniform(0, 0.05))
+    raise IntegrityError(f"{conn.url(path)} is malformed: restore it from the store's history")
 
 
 def move_alias(

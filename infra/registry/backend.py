@@ -60,6 +60,10 @@ class Backend(Protocol):
         """Upload a file that must not exist yet; False if it does."""
         ...
 
+    def put(self, local: Path, path: str, lock: ObjectLock | None = None) -> None:
+        """Upload a file over whatever is at `path`: readers see the old object or the new one, never a mix."""
+        ...
+
     def object_lock(self) -> bool:
         """True if the store can write objects under an `ObjectLock`."""
         ...

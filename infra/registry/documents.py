@@ -124,8 +124,8 @@ class PublishedVersion(BaseModel):
     url: str
     manifest: Manifest
     unverified: str | None = None
-    """Why the steps after the commit point (re-read and re-hash, move `latest`) did not run, e.g. the store went
-    away; the version exists all the same. None when they ran."""
+    """Why the steps after the commit point (re-read and re-hash, move `latest`, copy into the serving view) did
+    not all run, e.g. the store went away; the version exists all the same. None when they ran."""
 
 
 class VersionInfo(BaseModel):

@@ -1,5 +1,6 @@
 """`Registry`: versioned adapters under one URL. The protocol (claim, upload, manifest last, verify, move
-`latest`) lives here; names, documents, hashing, aliases, locks and the stores live in the sibling modules."""
+`latest`, copy into the serving view) lives here; names, documents, hashing, aliases, locks and the stores live in
+the sibling modules."""
 
 from __future__ import annotations
 
@@ -35,15 +36,19 @@ from infra.registry.documents import (
     now,
     owner,
 )
-from infra.registry.errors import IntegrityError, RegistryError
+from infra.registry.errors import ConflictError, IntegrityError, RegistryError
 from infra.registry.integrity import check_file, check_listing, check_manifest_files, hash_stream, scan_adapter_dir
 from infra.registry.local import LocalBackend
 from infra.registry.locks import hold_lock
 from infra.registry.rules import (
-    CLAIM,
     LATEST,
+    LEGACY_CLAIM,
     MANIFEST,
+    SERVE,
+    VIEW_FILES,
     check_location,
+    claim_key,
+    claimed_version,
     in_version,
     is_manifest,
     positive,
@@ -51,9 +56,14 @@ from infra.registry.rules import (
     validate_name,
     version_of,
     version_ref,
+    view_name,
 )
 from lora.names import is_valid_name
 from lora.redact import credential_values
+
+
+# How often one switch of an alias view follows an alias that keeps moving under it before giving up.
+_VIEW_ATTEMPTS = 20
 
 
 class Registry:
@@ -105,6 +115,16 @@ class Registry:
         """The URL of a domain's folder, or of one version's folder."""
         parts = [validate_name(domain)] + ([f"v{positive(version)}"] if version is not None else [])
         return self._conn.url(self._conn.path(*parts))
+
+    def view_location(self, domain: str | None = None, ref: str | int | None = None) -> str:
+        """The URL of the serving view (the folder to point vLLM or Ray Serve at), or of one adapter in it:
+        `domain` at version `ref` (N or `vN`) or at alias `ref`."""
+        if domain is None:
+            return self._conn.url(self._conn.path(SERVE))
+        number = version_ref(str(ref))
+        name = view_name(validate_name(domain), f"v{positive(number)}" if number is not None
+                         else validate_alias(str(ref)))
+        return self._conn.url(self._conn.path(SERVE, name))
 
     def domains(self) -> list[str]:
         """Domains with at least one complete version, sorted."""
@@ -295,16 +315,17 @@ class Registry:
     def reserve(self, domain: str) -> Reservation:
         """Claim the next version number of `domain` and decide its parent, in that order and in one place.
 
-        The number is claimed with a conditional create of `v<N>/.claim` (concurrent publishers get distinct
-        numbers). The parent is then the newest complete version below N that passes `verify` now; newer ones that
-        fail are skipped and named with the reason. The manifest records exactly this parent, so documents a
+        The number is claimed with a conditional create of `claims/v<N>.json` beside the version folders, so that
+        a version folder holds only its manifest's files (concurrent publishers get distinct numbers). The parent
+        is then the newest complete version below N that passes `verify` now; newer ones that fail are skipped and
+        named with the reason. The manifest records exactly this parent, so documents a
         publisher writes into the version from the reservation (the audit's change log) say the same. A
         reservation never published is an abandoned upload: gc removes its claim after the grace period.
         Raises RegistryError if the store cannot be reached, or `retention` is set and the bucket has no Object Lock.
         """
         validate_name(domain)
         lock = self._lock_from_now()
-        version, claim = self._claim_version(domain, lock)
+        version, claim = self._claim_version(domain)
         parent: int | None = None
         skipped: list[SkippedVersion] = []
         for earlier in reversed([v for v in self.versions(domain) if v < version]):
@@ -343,11 +364,12 @@ class Registry:
 
     def settle(self, manifest: Manifest) -> PublishedVersion:
         """What follows a version's commit point: re-read its manifest, re-hash every file on the store, then move
-        `latest` forward to it (never back).
+        `latest` forward to it (never back), then copy its adapter into the serving view: `serve/<domain>.v<N>/`,
+        and `serve/<domain>.latest/` switched to whatever `latest` points at.
 
         The version exists from its manifest on, so a store that cannot be reached here does not make the publish
         a failure: the result says why in `unverified`, and settling it again later finishes the job. Raises
-        IntegrityError if the store holds other bytes than the manifest records.
+        IntegrityError if the store holds other bytes than the manifest records (then nothing reaches the view).
         """
         domain, version = manifest.domain, manifest.version
         published = PublishedVersion(domain=domain, version=version, url=self.location(domain, version),
@@ -355,6 +377,9 @@ class Registry:
         try:
             self.verify(domain, version)
             advance_latest(self._conn, domain, version)
+            with tempfile.TemporaryDirectory(prefix="loramill-view-") as staging:
+                self._write_version_view(manifest, Path(staging))
+                self._switch_alias_view(domain, LATEST, Path(staging))
         except IntegrityError:
             raise
         except RegistryError as error:
@@ -370,23 +395,38 @@ class Registry:
         expected: int | None | Literal["any"] = "any",
         record: Mapping[str, Any] | None = None,
     ) -> AliasState:
-        """Point `alias` at complete `version` by compare-and-swap, appending the move to the alias history.
+        """Point `alias` at complete `version` by compare-and-swap, appending the move to the alias history, then
+        switch the alias's serving view `serve/<domain>.<alias>/` to the version's adapter.
 
         `expected` is the version the caller believes the alias points at now (None: not set yet); if another
         writer moved it first, ConflictError is raised and nothing changes, so of promoters expecting the same
         state exactly one wins. "any" skips that check but still never loses a concurrent move. `record`
         (who, forced, gate numbers, reason) is stored in the history entry; it must be JSON, hold no
-        credential and not use the keys at/from/to/generation.
+        credential and not use the keys at/from/to/generation. Raises IntegrityError, before the alias moves,
+        if the version fails `verify`; RegistryError naming the fix if the alias moved but its view could not be
+        switched.
         """
         validate_name(domain)
         validate_alias(alias)
         extra = check_record(record or {})
         if version not in self.versions(domain):
             raise RegistryError(f"{domain} has no complete version v{version}: publish it before promoting it")
-        return move_alias(self._conn, domain, alias, version, expected=expected, record=extra)
+        self.verify(domain, version)
+        state = move_alias(self._conn, domain, alias, version, expected=expected, record=extra)
+        try:
+            with tempfile.TemporaryDirectory(prefix="loramill-view-") as staging:
+                self._switch_alias_view(domain, alias, Path(staging))
+        except RegistryError as error:
+            raise RegistryError(
+                f"{alias} of {domain} now points at v{version}, but its serving view "
+                f"{self.view_location(domain, alias)} was not switched ({error}): run `loramill promote {domain} "
+                f"v{version} {alias}` again"
+            ) from error
+        return state
 
     def gc(self, domain: str | None = None, *, grace_s: float = 3600.0) -> list[str]:
-        """Delete abandoned uploads: version folders without a manifest where nothing was written for `grace_s`.
+        """Delete abandoned uploads: claims and version folders without a manifest where nothing was written for
+        `grace_s`; and the claims that loramill before the serving view left inside complete versions.
 
         Also aborts multipart uploads below the domain started more than `grace_s` ago: a publisher killed inside
         one leaves its parts on the server, invisible to listings, even when its retry then completed the version.
@@ -398,11 +438,17 @@ class Registry:
         for name in [validate_name(domain)] if domain is not None else self._all_domain_names():
             by_version: dict[int, dict[str, StoredObject]] = {}
             for rel, obj in self._conn.walk(self._conn.path(name), f"listing {name}").items():
-                if in_version(rel):
-                    by_version.setdefault(version_of(rel), {})[rel] = obj
+                version = version_of(rel) if in_version(rel) else claimed_version(rel)
+                if version is not None:
+                    by_version.setdefault(version, {})[rel] = obj
             listed_at = time.time()
             for version, objects in sorted(by_version.items()):
                 if f"v{version}/{MANIFEST}" in objects:
+                    legacy = f"v{version}/{LEGACY_CLAIM}"
+                    if legacy in objects:
+                        path = self._conn.path(name, legacy)
+                        self._conn.call(f"removing {name} {legacy}", lambda: self._conn.backend.delete([path]))
+                        removed.append(self._conn.url(path))
                     continue
                 if listed_at - max(obj.mtime for obj in objects.values()) < grace_s:
                     continue
@@ -458,17 +504,20 @@ class Registry:
         until = datetime.now(UTC) + timedelta(days=self.retention.days)
         return ObjectLock(mode="GOVERNANCE" if self.retention.mode == "governance" else "COMPLIANCE", until=until)
 
-    def _claim_version(self, domain: str, lock: ObjectLock | None) -> tuple[int, bytes]:
-        """Reserve the next version by conditional create of `v<N>/.claim`; return it and the claim's bytes.
+    def _claim_version(self, domain: str) -> tuple[int, bytes]:
+        """Reserve the next version by conditional create of `claims/v<N>.json`; return it and the claim's bytes.
 
-        Starts above every version folder seen, complete or not; the conditional create settles races.
+        Starts above every claim and version folder seen, complete or not; the conditional create settles races.
+        Claims stay after the commit, so a number is never handed out twice, and carry no Object Lock, so gc can
+        remove an abandoned one before a version's retention would end.
         """
         listing = self._conn.walk(self._conn.path(domain), f"listing {domain}")
-        version = max((version_of(rel) for rel in listing if in_version(rel)), default=0) + 1
+        taken = [version_of(rel) if in_version(rel) else claimed_version(rel) for rel in listing]
+        version = max((number for number in taken if number is not None), default=0) + 1
         claim = json.dumps({"claimed_at": now(), "owner": owner(), "token": uuid.uuid4().hex}).encode()
         for _ in range(1000):
-            if self._conn.put_if(self._conn.path(domain, f"v{version}", CLAIM), claim, None,
-                                 f"claiming {domain} v{version}", lock):
+            if self._conn.put_if(self._conn.path(domain, claim_key(version)), claim, None,
+                                 f"claiming {domain} v{version}"):
                 return version, claim
             version += 1
         raise RegistryError(f"could not claim a version of {domain} after 1000 tries: is something looping?")
@@ -476,7 +525,7 @@ class Registry:
     def _commit(self, reservation: Reservation, files: dict[str, FileEntry], metadata: dict[str, Any]) -> Manifest:
         """Write the manifest (create-only): from here on the version exists."""
         domain, version = reservation.domain, reservation.version
-        current = self._conn.read(self._conn.path(domain, f"v{version}", CLAIM), f"reading {domain} v{version} claim")
+        current = self._conn.read(self._conn.path(domain, claim_key(version)), f"reading {domain} v{version} claim")
         if current is None or current[0] != reservation.claim:
             # gc removed an upload that outlived its grace period: committing would expose missing files.
             raise RegistryError(
@@ -512,6 +561,73 @@ class Registry:
         if self._conn.call(what, lambda: hash_stream(self._conn.backend.open(path))) != entry:
             raise RegistryError(f"{self._conn.url(path)} already exists: version folders are never overwritten")
 
+    def _write_version_view(self, manifest: Manifest, staging: Path) -> None:
+        """`serve/<domain>.v<N>/`: created once, under the retention of the version's manifest (Object Lock), so it
+        is kept as long as the version. One found with other bytes (a reader's mistake) is written over."""
+        domain, version = manifest.domain, manifest.version
+        if not servable(manifest):
+            return
+        source = self._fetch_adapter(manifest, staging)
+        manifest_path = self._conn.path(domain, f"v{version}", MANIFEST)
+        lock = self._conn.call(f"reading the retention of {domain} v{version}",
+                               lambda: self._conn.backend.lock_of(manifest_path))
+        folder = view_name(domain, f"v{version}")
+        for name in VIEW_FILES:
+            path = self._conn.path(SERVE, folder, name)
+            what = f"writing the serving view {folder}/{name}"
+            if self._conn.call(what, lambda: self._conn.backend.upload_new(source / name, path, lock)):
+                continue
+            if self._conn.call(what, lambda: hash_stream(self._conn.backend.open(path))) != manifest.files[name]:
+                self._conn.call(what, lambda: self._conn.backend.put(source / name, path, lock))
+
+    def _switch_alias_view(self, domain: str, alias: str, staging: Path) -> None:
+        """Make `serve/<domain>.<alias>/` hold the adapter of the version `alias` points at.
+
+        The two files are overwritten in place (S3 has no rename), weights before config. Every writer re-reads the
+        alias after writing and writes again if it moved meanwhile, so the last writes are always of the version
+        the alias points at last, however concurrent moves interleave.
+        """
+        folder = view_name(domain, alias)
+        for _ in range(_VIEW_ATTEMPTS):
+            state = self.alias(domain, alias)
+            if state is None:
+                return
+            manifest = self.manifest(domain, state.version)
+            paths = [self._conn.path(SERVE, folder, name) for name in VIEW_FILES]
+            if not servable(manifest):  # no stale adapter left under the alias's name: the view has none
+                listed = self._conn.walk(self._conn.path(SERVE, folder), f"listing the serving view {folder}")
+                stale = [path for name, path in zip(VIEW_FILES, paths, strict=True) if name in listed]
+                if stale:
+                    self._conn.call(f"removing the serving view {folder}", lambda: self._conn.backend.delete(stale))
+            else:
+                source = self._fetch_adapter(manifest, staging)
+                for name, path in zip(VIEW_FILES, paths, strict=True):
+                    self._conn.call(f"writing the serving view {folder}/{name}",
+                                    lambda: self._conn.backend.put(source / name, path))
+            moved = self.alias(domain, alias)
+            if moved is not None and moved.generation == state.generation:
+                return
+        raise ConflictError(f"alias {alias!r} of {domain} kept moving while its serving view was switched "
+                            f"{_VIEW_ATTEMPTS} times: the last mover switches it")
+
+    def _fetch_adapter(self, manifest: Manifest, staging: Path) -> Path:
+        """The version's adapter files, downloaded once into `staging/v<N>/` and checked against the manifest
+        there: the bytes that reach the view are the bytes that were hashed. IntegrityError if one differs."""
+        domain, version = manifest.domain, manifest.version
+        folder = staging / f"v{version}"
+        if folder.is_dir():
+            return folder
+        partial = staging / f"v{version}.partial"
+        partial.mkdir()
+        for name in VIEW_FILES:
+            path = self._conn.path(domain, f"v{version}", name)
+            self._conn.call(f"downloading {domain} v{version}/{name}",
+                            lambda: self._conn.backend.download(path, partial / name))
+            with open(partial / name, "rb") as handle:
+                check_file(manifest, name, hash_stream(handle))
+        partial.rename(folder)
+        return folder
+
     def _check_listing(self, manifest: Manifest) -> None:
         """Every file on the store is in the manifest, allowed, present, and of the recorded size."""
         folder = self._conn.path(manifest.domain, f"v{manifest.version}")
@@ -520,4 +636,11 @@ class Registry:
 
     def _all_domain_names(self) -> list[str]:
         names = {rel.split("/", 1)[0] for rel in self._conn.walk(self._conn.root, "listing domains") if "/" in rel}
-        return sorted(name for name in names if is_valid_name(name))
+        return sorted(name for name in names if is_valid_name(name) and name != SERVE)
+
+
+def servable(manifest: Manifest) -> bool:
+    """Whether model servers can load the version: a PEFT adapter (`VIEW_FILES`). Adapter layers
+    (`lora.method: adapter_layers`) are published with their own files, which vLLM and Ray Serve do not read, so
+    they get no serving view."""
+    return all(name in manifest.files for name in VIEW_FILES)

@@ -10,7 +10,7 @@ from typing import IO
 from infra.registry.backend import StoredObject
 from infra.registry.documents import FileEntry, Manifest
 from infra.registry.errors import IntegrityError, RegistryError
-from infra.registry.rules import CLAIM, MANIFEST, REQUIRED_FILES, file_problem
+from infra.registry.rules import ADAPTER_LAYER_FILES, LEGACY_CLAIM, MANIFEST, REQUIRED_FILES, file_problem
 
 CHUNK = 16 * 2**20
 
@@ -43,9 +43,10 @@ def scan_adapter_dir(local_dir: Path) -> dict[str, FileEntry]:
         with open(path, "rb") as handle:
             files[rel] = hash_stream(handle)
     missing = sorted(REQUIRED_FILES - files.keys())
-    if missing:
+    if missing and not ADAPTER_LAYER_FILES <= files.keys():
         raise RegistryError(
-            f"{local_dir} lacks {missing}: it is not a PEFT adapter folder (save_pretrained writes them)"
+            f"{local_dir} lacks {missing}: it is not a PEFT adapter folder (save_pretrained writes them), nor one "
+            f"of adapter layers ({', '.join(sorted(ADAPTER_LAYER_FILES))})"
         )
     return files
 
@@ -81,7 +82,7 @@ def check_listing(manifest: Manifest, listing: Mapping[str, StoredObject], folde
     """
     where = f"{manifest.domain} v{manifest.version}"
     for rel in sorted(listing):
-        if rel in (MANIFEST, CLAIM):
+        if rel in (MANIFEST, LEGACY_CLAIM):
             continue
         if rel not in manifest.files:
             problem = file_problem(rel) or "is not a file the registry allows here"

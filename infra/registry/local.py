@@ -68,6 +68,16 @@ class LocalBackend:
     def upload_new(self, local: Path, path: str, lock: ObjectLock | None = None) -> bool:
         return self._link_new(Path(path), lambda tmp: shutil.copyfile(local, tmp))
 
+    def put(self, local: Path, path: str, lock: ObjectLock | None = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp_path()
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, target)  # rename(2): readers open the old file or the new one
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def object_lock(self) -> bool:
         return False  # a folder has no retention that its owner could not undo
 

@@ -1,5 +1,6 @@
 """What the registry accepts: names, version references, URLs, and the files a version may hold; and how keys
-inside a domain folder are read (`v<N>/...`). Pure functions, no I/O."""
+inside a domain folder are read (`v<N>/...`, `claims/v<N>.json`) and serving-view folders named. Pure functions,
+no I/O."""
 
 from __future__ import annotations
 
@@ -14,8 +15,17 @@ from lora.names import NAME_RULE, is_valid_name
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
-CLAIM = ".claim"
+CLAIMS = "claims"
+# Where loramill before the serving view wrote claims: inside the version folder. Tolerated there when reading, and
+# removed from complete versions by gc, so that registries written then become manifest-only folders too.
+LEGACY_CLAIM = ".claim"
+SERVE = "serve"
 REQUIRED_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors"})
+# What a folder of adapter layers holds instead (lora/bottleneck.py FILES; the registry does not import torch).
+ADAPTER_LAYER_FILES = frozenset({"bottleneck_config.json", "bottleneck_model.safetensors"})
+# What a serving-view folder holds, in the order it is written: weights before config, so that a reader who reads
+# the config first and sees the new one also gets the new weights (README: the serving view).
+VIEW_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # What an adapter folder may hold: safetensors weights, configs, tokenizer files (tokenizer.model is
 # sentencepiece protobuf, chat_template.jinja is text), model cards and audit reports.
 ALLOWED_SUFFIXES = frozenset(
@@ -29,16 +39,21 @@ _VERSION_REF_RE = re.compile(r"^v?([0-9]+)$")
 _PATH_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _VERSION_DIR_RE = re.compile(r"^v([1-9][0-9]*)$")
+_CLAIM_RE = re.compile(rf"^{CLAIMS}/v([1-9][0-9]*)\.json$")
 
 
 def validate_name(value: str, kind: str = "domain") -> str:
     """Return `value` if it is a valid domain, alias or lock name, else raise RegistryError naming the fix.
 
     The rule is lora.names's (1-64 lowercase letters, digits, '-' or '_', starting with a letter or digit). Such a
-    name cannot hold '/', '.' or '..', so keys built from it stay under the registry prefix.
+    name cannot hold '/', '.' or '..', so keys built from it stay under the registry prefix. The domain name
+    `serve` is reserved: `<prefix>/serve/` holds the serving view, which model servers list as adapters.
     """
     if not is_valid_name(value):
         raise RegistryError(f"{kind} name {value!r} is invalid: use {NAME_RULE}")
+    if kind == "domain" and value == SERVE:
+        raise RegistryError(f"domain name {SERVE!r} is reserved: <registry>/{SERVE}/ holds the serving view that "
+                            f"vLLM and Ray Serve read; rename the domain (e.g. '{SERVE}-desk')")
     return value
 
 
@@ -131,6 +146,23 @@ def is_manifest(rel: str, depth: int = 3) -> bool:
 def in_version(rel: str) -> bool:
     """True for a file inside a version folder: `v<N>/...`, relative to the domain folder."""
     return "/" in rel and bool(_VERSION_DIR_RE.match(rel.split("/", 1)[0]))
+
+
+def claim_key(version: int) -> str:
+    """The claim of version N, relative to the domain folder."""
+    return f"{CLAIMS}/v{version}.json"
+
+
+def claimed_version(rel: str) -> int | None:
+    """N for `claims/v<N>.json` (relative to the domain folder), else None."""
+    match = _CLAIM_RE.match(rel)
+    return int(match.group(1)) if match else None
+
+
+def view_name(domain: str, ref: str) -> str:
+    """The serving-view folder of a version (`ref` is `v<N>`) or an alias: `<domain>.<ref>`. A name never holds
+    '.', so the first dot splits it back unambiguously, and an alias never looks like `v<N>` (validate_alias)."""
+    return f"{domain}.{ref}"
 
 
 def version_of(rel: str) -> int:

@@ -118,6 +118,10 @@ class S3Backend:
             raise
         return True
 
+    def put(self, local: Path, path: str, lock: ObjectLock | None = None) -> None:
+        # A PUT, or CompleteMultipartUpload for big files, replaces the object in one step.
+        self.fs.put_file(str(local), path, **_lock_args(lock))
+
     def object_lock(self) -> bool:
         try:
             answer = self.fs.call_s3("get_object_lock_configuration", Bucket=self.bucket)
