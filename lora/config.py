@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lora.names import NAME_PATTERN, NAME_RULE
+from lora.names import NAME_PATTERN, NAME_RULE, SERVING_VIEW
 
 BUILTIN_MODELS = ("builtin:smollm2-135m-instruct", "builtin:all-minilm-l6-v2")
 MLFLOW_SCHEMES = ("sqlite", "http", "https")
@@ -281,7 +281,8 @@ class Tracking(Section):
 
 class Domain(Section):
     name: str = Field(pattern=NAME_PATTERN)
-    """Lowercase letters, digits, ``-`` or ``_``; used in paths and registry keys."""
+    """Lowercase letters, digits, ``-`` or ``_``; used in paths and registry keys. ``serve`` is reserved (the
+    registry's serving view)."""
     train: str = Field(min_length=1)
     """JSONL of training examples: a local path (relative to the config file) or any fsspec URL."""
     eval: str = Field(min_length=1)
@@ -301,6 +302,14 @@ class Domain(Section):
     """Extra Ray resources each of this domain's workers asks for, on top of ``cluster.cpus_per_worker`` and the
     GPU: a custom resource that only some node types declare (e.g. ``{gpu_a10: 1}``) pins the domain to them."""
 
+
+    @field_validator("name")
+    @classmethod
+    def _not_the_serving_view(cls, v: str) -> str:
+        if v == SERVING_VIEW:
+            raise ValueError(f"{SERVING_VIEW!r} is reserved: the registry's {SERVING_VIEW}/ folder holds the serving "
+                             f"view for model servers; rename the domain (e.g. '{SERVING_VIEW}-desk')")
+        return v
     @field_validator("resources_per_worker")
     @classmethod
     def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:

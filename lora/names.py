@@ -12,6 +12,8 @@ MAX_NAME_LENGTH = 64
 NAME_PATTERN = rf"^[a-z0-9][a-z0-9_-]{{0,{MAX_NAME_LENGTH - 1}}}$"
 NAME_RULE = f"1-{MAX_NAME_LENGTH} lowercase letters, digits, '-' or '_', starting with a letter or digit"
 """The rule in words, for error messages."""
+SERVING_VIEW = "serve"
+"""The one domain name refused: a registry's ``<prefix>/serve/`` folder holds its serving view for model servers."""
 
 _NAME_RE = re.compile(NAME_PATTERN)
 

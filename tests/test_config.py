@@ -95,3 +95,8 @@ def test_readme_config_reference_matches_the_code():
 
     readme = (REPO / "README.md").read_text()
     assert reference_markdown() in readme, "regenerate README's config reference: loramill config-reference"
+
+
+def test_a_domain_named_like_the_serving_view_is_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match="'serve' is reserved.*serving view.*serve-desk"):
+        load_config(REPO / "configs/default.yaml", ["domains.0.name=serve"])

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from infra.registry.errors import RegistryError
-from lora.names import NAME_RULE, is_valid_name
+from lora.names import NAME_RULE, SERVING_VIEW, is_valid_name
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -19,7 +19,7 @@ CLAIMS = "claims"
 # Where loramill before the serving view wrote claims: inside the version folder. Tolerated there when reading, and
 # removed from complete versions by gc, so that registries written then become manifest-only folders too.
 LEGACY_CLAIM = ".claim"
-SERVE = "serve"
+SERVE = SERVING_VIEW
 REQUIRED_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors"})
 # What a folder of adapter layers holds instead (lora/bottleneck.py FILES; the registry does not import torch).
 ADAPTER_LAYER_FILES = frozenset({"bottleneck_config.json", "bottleneck_model.safetensors"})
