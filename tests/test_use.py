@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from infra.registry import IntegrityError, Registry
 from lora.config import ModelSource, Quantization
-from lora.generate import generate, load_with_adapter
+from lora.generate import generate, load_with_adapter, side_by_side
 from lora.model import dispatch_backend, load_base_model, weights_sha256
 from lora.serve import load_adapters, probe_logits, use_adapter
 from pipelines import use
@@ -96,6 +96,26 @@ def published(s3_store, registry_url, tiny_model_dir, tiny_config_file, adapters
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
+
+
+
+@torch.no_grad()
+def test_audit_samples_in_one_mixed_batch_are_the_answers_of_one_prompt_at_a_time(tiny_model_dir, adapters):
+    """side_by_side answers every prompt through the base and the adapter in one left-padded batch (PEFT's
+    mixed-adapter batches): padding and batching must not change a greedy answer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [PROMPT, "Hi", "What does clause 4.2 of the Ardenia civil code say about deposits, in short?"]
+    model = load_adapters(plain_base(tiny_model_dir), {"medical": adapters["medical"]})
+    with use_adapter(model, "medical"):
+        samples = side_by_side(model, tokenizer, prompts, 12)
+        one_at_a_time = [generate(model, tokenizer, prompt, 12) for prompt in prompts]
+    with use_adapter(model, None):
+        base_one_at_a_time = [generate(model, tokenizer, prompt, 12) for prompt in prompts]
+    assert [s["adapter"] for s in samples] == one_at_a_time
+    assert [s["base"] for s in samples] == base_one_at_a_time
+    assert one_at_a_time != base_one_at_a_time  # the adapter changes the answers: the routing is really tested
 
 
 # ---------------------------------------------------------------------------------------------
