@@ -94,7 +94,7 @@ def tiny_config_file(tmp_path, tiny_model_dir, small_data):
 
     def write(domains=("medical",), **sections) -> Path:
         raw = {
-            "model": {"id": str(tiny_model_dir), "logical_id": "tests/tiny-llama"},
+            "model": {"id": str(tiny_model_dir), "logical_id": TINY_ID},
             "quant": {"mode": "nf4"},
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
             "train": {
@@ -124,3 +124,25 @@ def read_json(path: Path):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+TINY_ID = "tests/tiny-llama"
+"""The public id the tiny model's adapters name as their base (``model.logical_id`` in the test configs)."""
+
+
+def save_random_lora(model_dir: Path, folder: Path, seed: int, **lora_settings) -> Path:
+    """A PEFT LoRA adapter on the model in ``model_dir``, with random non-zero B (an untrained B is zero, which
+    would make every adapter answer like the base), saved to ``folder`` naming ``TINY_ID`` as its base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(**lora_settings))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    model.save_pretrained(folder, safe_serialization=True)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": TINY_ID}))
+    return folder

@@ -17,8 +17,8 @@ from infra.registry import Registry, Retention
 from lora.config import load_config
 from lora.model import weights_sha256
 from pipelines import use
+from tests.conftest import TINY_ID, save_random_lora
 
-TINY_ID = "tests/tiny-llama"
 PROMPTS = ["How do I restore a deleted file?", "What is a tort?"]
 MAX_NEW_TOKENS = 8
 VIEW_FILES = ["adapter_config.json", "adapter_model.safetensors"]
@@ -68,23 +68,9 @@ print(json.dumps(found))
 def two_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two LoRA adapters on the tiny model, saved by PEFT, with random non-zero B (an untrained B is zero) and
     different r and alpha, as two versions of one domain may have."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    folders = []
-    for seed, (r, alpha) in enumerate([(4, 8), (8, 32)]):
-        torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear"))
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(parameter, std=0.5)
-        folder = tmp_path_factory.mktemp(f"adapter-{seed}")
-        model.save_pretrained(folder, safe_serialization=True)
-        config = json.loads((folder / "adapter_config.json").read_text())
-        (folder / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": TINY_ID}))
-        folders.append(folder)
-    return folders
+    return [save_random_lora(tiny_model_dir, tmp_path_factory.mktemp(f"adapter-{seed}"), seed, r=r, lora_alpha=alpha,
+                             target_modules="all-linear")
+            for seed, (r, alpha) in enumerate([(4, 8), (8, 32)])]
 
 
 def read_view(s3_store, registry: Registry, base: Path, adapters: list[str]) -> dict:

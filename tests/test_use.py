@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -21,9 +20,9 @@ from lora.model import dispatch_backend, load_base_model, weights_sha256
 from lora.serve import load_adapters, probe_logits, use_adapter
 from pipelines import use
 from pipelines.cli import app
+from tests.conftest import TINY_ID, save_random_lora
 
 runner = CliRunner()
-TINY_ID = "tests/tiny-llama"
 INPUTS = torch.tensor([[1, 20, 300, 4000, 17, 99, 2048]])
 PROMPT = "How do I restore a deleted file?"
 # Different ranks and targets per domain, so switching has to change which layers add what.
@@ -58,21 +57,13 @@ def one_thread():
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     """Three LoRA adapters on the tiny model, saved by PEFT, with random non-zero B (an untrained B is zero)."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     folders = {}
     for seed, (name, settings) in enumerate(ADAPTERS.items()):
-        torch.manual_seed(seed)
-        model = get_peft_model(plain_base(tiny_model_dir), LoraConfig(lora_alpha=2 * settings["r"], **settings))
-        for parameter_name, parameter in model.named_parameters():
-            if "lora_B" in parameter_name:
-                torch.nn.init.normal_(parameter, std=0.5)
-        folder = tmp_path_factory.mktemp(f"adapter-{name}")
-        model.save_pretrained(folder, safe_serialization=True)
-        config = json.loads((folder / "adapter_config.json").read_text())
-        (folder / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": TINY_ID}))
+        folder = save_random_lora(tiny_model_dir, tmp_path_factory.mktemp(f"adapter-{name}"), seed,
+                                  lora_alpha=2 * settings["r"], **settings)
         tokenizer.save_pretrained(folder)  # published folders may carry their tokenizer; the cache must too
         folders[name] = folder
     return folders
