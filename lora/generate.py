@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,22 +64,34 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_token
     return [tokenizer.decode(row[start:], skip_special_tokens=True).strip() for row in output]
 
 
-def side_by_side(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64) -> list[dict[str, str]]:
-    """For each prompt: the base model's answer (adapter disabled) and the active adapter's, all in one batch
-    through PEFT's mixed-adapter batches (DoRA adapters and adapter layers do not take part in them: two batches
-    then)."""
+def side_by_side(model: Any, tokenizer: Any, prompts: Mapping[str, list[str]],
+                 max_new_tokens: int = 64) -> dict[str, list[dict[str, str]]]:
+    """For each adapter named in ``prompts`` and each of its prompts: the base model's answer (adapter disabled) and
+    that adapter's. LoRA adapters answer in one batch, their rows and the base's together, through PEFT's
+    mixed-adapter batches; DoRA adapters do not take part in those, and a model holding adapter layers routes no
+    rows (``lora.bottleneck``): each such adapter answers in two batches of its own."""
     from lora import bottleneck
+    from lora.serve import use_adapter
 
-    if bottleneck.attached(model) is not None or model.peft_config[model.active_adapter].use_dora:
-        with adapter_off(model):
-            base = greedy_answers(model, tokenizer, prompts, max_new_tokens)
-        adapted = greedy_answers(model, tokenizer, prompts, max_new_tokens)
-    else:
-        active = model.active_adapter
-        both = greedy_answers(model, tokenizer, prompts + prompts, max_new_tokens,
-                              ["__base__"] * len(prompts) + [active] * len(prompts))
-        base, adapted = both[: len(prompts)], both[len(prompts):]
-    return [{"prompt": prompt, "base": b, "adapter": a} for prompt, b, a in zip(prompts, base, adapted, strict=True)]
+    mixed = [] if bottleneck.attached(model) is not None else \
+        [name for name in prompts if not model.peft_config[name].use_dora]
+    answers: dict[str, tuple[list[str], list[str]]] = {}
+    rows = [(name, prompt) for name in mixed for prompt in prompts[name]]
+    if rows:
+        texts = [prompt for _, prompt in rows]
+        both = greedy_answers(model, tokenizer, texts + texts, max_new_tokens,
+                              ["__base__"] * len(rows) + [name for name, _ in rows])
+        base, adapted = both[: len(rows)], both[len(rows):]
+        for name in mixed:
+            mine = [i for i, (owner, _) in enumerate(rows) if owner == name]
+            answers[name] = [base[i] for i in mine], [adapted[i] for i in mine]
+    for name in prompts.keys() - set(mixed):
+        with use_adapter(model, name):
+            with adapter_off(model):
+                base_answers = greedy_answers(model, tokenizer, prompts[name], max_new_tokens)
+            answers[name] = base_answers, greedy_answers(model, tokenizer, prompts[name], max_new_tokens)
+    return {name: [{"prompt": prompt, "base": b, "adapter": a}
+                   for prompt, b, a in zip(prompts[name], *answers[name], strict=True)] for name in prompts}
 
 
 @torch.no_grad()

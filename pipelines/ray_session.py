@@ -31,6 +31,10 @@ def ensure_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, logging_level=driver_log_level)
         return
+    # A cluster of this one machine is never drained for preemption, so Ray Train's preemption watcher has nothing
+    # to watch; its actor only printed a core_worker error line ("constructor arguments in the object store and
+    # max_restarts > 0") into every run's output. The local raylet, and so every worker, inherits this setting.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard (~1 GiB) serves the state API that Ray Train's placement-group cleaner polls; without it
     # the cleaner logs a warning every second. None: started when its packages (ray[default]) are installed, as
     # they are by `pip install loramill`; minimal Ray installs (some GPU images) still run.

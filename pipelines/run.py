@@ -19,7 +19,8 @@ class DomainOutcome:
 
 def run(cfg: Config, domain_names: list[str] | None = None, *, sweep: bool = False,
         fresh: bool = False) -> list[DomainOutcome]:
-    """Train all selected domains (concurrently on Ray), then publish each finished run.
+    """Train all selected domains (concurrently on Ray), then publish the finished runs (their model work together:
+    ``publish.run_all``).
 
     With ``sweep``, each domain's Tune search runs first and its best trial's values train the final run; the
     audit then records the search space, the trials and the choice. ``fresh`` trains new runs even where an
@@ -36,11 +37,9 @@ def run(cfg: Config, domain_names: list[str] | None = None, *, sweep: bool = Fal
             searches[result.domain] = search_record(cfg, result)
             domain_configs[result.domain] = tune.best_config(cfg, result.domain)
     results = train.run(cfg, domain_names, domain_configs, fresh=fresh)
-    return [
-        DomainOutcome(r, publish.run(domain_configs.get(r.domain, cfg), r.domain, r.output_dir,
-                                     search=searches.get(r.domain)))
-        for r in results
-    ]
+    outcomes = publish.run_all([publish.Request(domain_configs.get(r.domain, cfg), r.domain, r.output_dir,
+                                                searches.get(r.domain)) for r in results])
+    return [DomainOutcome(r, outcome) for r, outcome in zip(results, outcomes, strict=True)]
 
 
 def search_record(cfg: Config, sweep: Any) -> SearchRecord:

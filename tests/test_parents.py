@@ -9,6 +9,7 @@ and the gate refuses to evaluate it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -86,8 +87,9 @@ def config_of(place: Place, data: Path = DATA) -> dict[str, Any]:
     }
 
 
-def finished_run(folder: Path, adapter: Path, name: str, eval_loss: float, eval_sha256: str = "e" * 64) -> Path:
-    """A finished run folder of domain medical: the adapter, its history and result.json (losses as given)."""
+def finished_run(folder: Path, adapter: Path, name: str, eval_loss: float, eval_sha256: str = "e" * 64,
+                 domain: str = "medical") -> Path:
+    """A finished run folder of ``domain``: the adapter, its history and result.json (losses as given)."""
     run_dir = folder / name
     (run_dir / "adapter").mkdir(parents=True)
     for source in adapter.iterdir():
@@ -99,20 +101,20 @@ def finished_run(folder: Path, adapter: Path, name: str, eval_loss: float, eval_
         return {"url": "data.jsonl", "sha256": sha256, "examples_read": 8, "examples_kept": 8, "dropped_overlong": 0,
                 "truncated_overlong": 0, "tokens": 800, "target_tokens": 400}
 
-    info = RunInfo(domain="medical", task="causal_lm", method="lora", labels=None,
+    info = RunInfo(domain=domain, task="causal_lm", method="lora", labels=None,
                    base_model={"id": "tests/tiny-llama", "revision": None, "weights_sha256": "0" * 64},
                    trainable_params=128, total_params=10_000, total_steps=1,
                    data={"train": split("t" * 64), "eval": split(eval_sha256)},
                    hardware={"device": "cpu", "workers": 1, "use_gpu": False, "cpus_per_worker": 1.0},
                    compute_dtype="float32", kernels="none", checks=[], resumed_from_step=[])
-    RunRecord(domain="medical", run_name=name, steps=1, base_eval_loss=2.0, eval_loss=eval_loss, eval_accuracy=None,
+    RunRecord(domain=domain, run_name=name, steps=1, base_eval_loss=2.0, eval_loss=eval_loss, eval_accuracy=None,
               base_eval_accuracy=None, trainable_params=128, total_params=10_000, train_seconds=1.0,
               wall_seconds=2.0, config={}, info=info, output_dir=run_dir).write(run_dir / RESULT_FILE)
     return run_dir
 
 
-def published_audit(registry: Registry, version: int, folder: Path) -> dict[str, Any]:
-    pulled = registry.pull("medical", version, folder / f"v{version}")  # verified: every hash checked
+def published_audit(registry: Registry, version: int, folder: Path, domain: str = "medical") -> dict[str, Any]:
+    pulled = registry.pull(domain, version, folder / f"{domain}-v{version}")  # verified: every hash checked
     return json.loads((pulled / "audit.json").read_text()) | {"audit.md": (pulled / "audit.md").read_text()}
 
 
@@ -249,7 +251,9 @@ def test_publish_measures_production_and_answers_the_samples_on_one_model(ray_cl
     assert check["evidence"] == f"1 prompts, greedy, on cpu in a Ray task on node {driver_node} (section 9)"
 
     record = RunRecord.load(finished_run(tmp_path / "runs", adapter, "medical-c", 0.9, eval_sha256))
-    work = publish.model_work_on_cluster(cfg, cfg.domain("medical"), record, adapter, None)
+    with contextlib.ExitStack() as folders:
+        staged = publish.stage(publish.Request(cfg, "medical", record.output_dir), folders, False, True)
+        [work] = publish.model_work_on_cluster([staged])
     assert work.pid is not None and work.pid != os.getpid() and work.node_id == driver_node
     assert work.device == "cpu" and work.samples == [Sample.model_validate(s) for s in audit["samples"]]
 
@@ -260,3 +264,47 @@ def test_publish_measures_production_and_answers_the_samples_on_one_model(ray_cl
     assert type(caught.value) is DataError
     assert str(caught.value).endswith("changed since run medical-d was trained on it; train again before publishing, "
                                       "so that the audit describes the data the adapter was evaluated on")
+
+
+def test_runs_published_together_share_one_task_and_nothing_is_published_when_one_fails(
+        ray_cluster: Any, tiny_model_dir: Path, small_data: Path, tmp_path: Path) -> None:
+    """``publish.run_all``, as ``loramill run`` publishes its domains: one Ray task and one load of the base for the
+    runs' model work; each audit holds its own domain's prompts, answered as a publish of that run alone answers
+    them; and when one run's model work fails, no run is published."""
+    adapters = {}
+    for seed, domain in enumerate(("medical", "legal")):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        adapters[domain] = tmp_path / f"adapter-{domain}"
+        get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(adapters[domain])
+    raw = config_of(Place(f"file://{tmp_path / 'registry'}", {}, fsspec.filesystem("file"), ""), small_data) | {
+        "model": {"id": str(tiny_model_dir), "logical_id": "tests/tiny-llama"},
+        "train": {"max_seq_len": 256, "micro_batch_size": 4}}
+    raw["domains"].append(raw["domains"][0] | {"name": "legal", "train": str(small_data / "legal/train.jsonl"),
+                                                "eval": str(small_data / "legal/eval.jsonl")})
+    raw["publish"] |= {"audit_prompts": 2, "audit_max_new_tokens": 4}
+    cfg = Config.model_validate(raw)
+    registry = Registry(raw["publish"]["registry"])
+
+    def request(domain: str, name: str, eval_sha256: str = "e" * 64) -> publish.Request:
+        return publish.Request(cfg, domain, finished_run(tmp_path / "runs", adapters[domain], name, 1.0, eval_sha256,
+                                                         domain))
+
+    together = publish.run_all([request("medical", "medical-a"), request("legal", "legal-a")])
+
+    assert [(o.published.domain, o.published.version) for o in together] == [("medical", 1), ("legal", 1)]
+    audits = {d: published_audit(registry, 1, tmp_path / "pulled", d) for d in ("medical", "legal")}
+    for domain, other in (("medical", "legal"), ("legal", "medical")):
+        asked = publish.held_out_prompts(cfg, cfg.domain(domain))
+        assert len(asked) == 2 and [sample["prompt"] for sample in audits[domain]["samples"]] == asked
+        [check] = [c for c in audits[domain]["validation"]["checks"] if c["name"].startswith("held-out prompts")]
+        assert check["evidence"].endswith(f"one load of the base and one batch with {other} (section 9)")
+    alone = publish.run(cfg, "legal", request("legal", "legal-b").run_dir)
+    assert alone.published.version == 2
+    assert published_audit(registry, 2, tmp_path / "pulled", "legal")["samples"] == audits["legal"]["samples"]
+
+    # legal's eval file is not what its run was trained on: its gate evaluation fails, and medical is not published.
+    medical_eval = data_fingerprint(cfg.domain("medical"))["eval"]
+    with pytest.raises(DataError, match="changed since run legal-d was trained on it"):
+        publish.run_all([request("medical", "medical-c", medical_eval), request("legal", "legal-d", "d" * 64)])
+    assert registry.versions("medical") == [1] and registry.versions("legal") == [1, 2]

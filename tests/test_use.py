@@ -92,21 +92,27 @@ def invoke(*args):
 
 @torch.no_grad()
 def test_audit_samples_in_one_mixed_batch_are_the_answers_of_one_prompt_at_a_time(tiny_model_dir, adapters):
-    """side_by_side answers every prompt through the base and the adapter in one left-padded batch (PEFT's
-    mixed-adapter batches): padding and batching must not change a greedy answer."""
+    """side_by_side answers every adapter's prompts through the base and through that adapter in one left-padded
+    batch (PEFT's mixed-adapter batches): padding, batching and the other adapters' rows must not change a greedy
+    answer."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompts = [PROMPT, "Hi", "What does clause 4.2 of the Ardenia civil code say about deposits, in short?"]
-    model = load_adapters(plain_base(tiny_model_dir), {"medical": adapters["medical"]})
+    prompts = {"medical": [PROMPT, "Hi"],
+               "legal": ["What does clause 4.2 of the Ardenia civil code say about deposits, in short?", PROMPT]}
+    model = load_adapters(plain_base(tiny_model_dir), {name: adapters[name] for name in prompts})
+    samples = side_by_side(model, tokenizer, prompts, 12)
+    for name, asked in prompts.items():
+        with use_adapter(model, name):
+            one_at_a_time = [generate(model, tokenizer, prompt, 12) for prompt in asked]
+        with use_adapter(model, None):
+            base_one_at_a_time = [generate(model, tokenizer, prompt, 12) for prompt in asked]
+        assert [s["prompt"] for s in samples[name]] == asked
+        assert [s["adapter"] for s in samples[name]] == one_at_a_time
+        assert [s["base"] for s in samples[name]] == base_one_at_a_time
+        assert one_at_a_time != base_one_at_a_time  # the adapter changes the answers: the routing is really tested
     with use_adapter(model, "medical"):
-        samples = side_by_side(model, tokenizer, prompts, 12)
-        one_at_a_time = [generate(model, tokenizer, prompt, 12) for prompt in prompts]
-    with use_adapter(model, None):
-        base_one_at_a_time = [generate(model, tokenizer, prompt, 12) for prompt in prompts]
-    assert [s["adapter"] for s in samples] == one_at_a_time
-    assert [s["base"] for s in samples] == base_one_at_a_time
-    assert one_at_a_time != base_one_at_a_time  # the adapter changes the answers: the routing is really tested
+        assert generate(model, tokenizer, PROMPT, 12) != samples["legal"][1]["adapter"]  # and the adapters differ
 
 
 # ---------------------------------------------------------------------------------------------
