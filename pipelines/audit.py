@@ -171,6 +171,9 @@ def build_audit(
                 total_frobenius_norm=math.sqrt(sum(d.frobenius_norm**2 for d in deltas)),
                 modules=[ModuleChange.model_validate(d.to_dict()) for d in deltas],
                 most_changed=[d.module for d in ranked[:5]],
+                **({"measures": "the low-rank update B·A·α/r only: DoRA also rescales each output row of W + B·A·α/r "
+                                "to a learned magnitude, which these norms leave out"}
+                   if cfg.lora.variant == "dora" else {}),
             ),
         ),
         samples=samples,
@@ -321,7 +324,7 @@ def render_markdown(audit: AuditRecord, version: int) -> str:
     weights = change.weight_change
     if weights.modules:
         lines += [f"- Weight change: total ‖ΔW‖_F = {weights.total_frobenius_norm:.4f} over "
-                  f"{len(weights.modules)} modules (ΔW = B·A·α/r)", "",
+                  f"{len(weights.modules)} modules ({weights.measures})", "",
                   "| most-changed module | ‖ΔW‖_F | effective rank |", "|---|---|---|"]
         by_name = {m.module: m for m in weights.modules}
         for name in weights.most_changed:

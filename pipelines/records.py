@@ -380,6 +380,8 @@ class WeightChange(Record):
     total_frobenius_norm: float
     modules: list[ModuleChange]
     most_changed: list[str]
+    measures: str = "ΔW = B·A·α/r"
+    """What the norms are of: the whole change of each weight for LoRA, the low-rank part only for DoRA."""
 
 
 class ChangeLog(Record):

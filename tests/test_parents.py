@@ -308,3 +308,23 @@ def test_runs_published_together_share_one_task_and_nothing_is_published_when_on
     with pytest.raises(DataError, match="changed since run legal-d was trained on it"):
         publish.run_all([request("medical", "medical-c", medical_eval), request("legal", "legal-d", "d" * 64)])
     assert registry.versions("medical") == [1] and registry.versions("legal") == [1, 2]
+
+
+def test_a_dora_audit_says_its_weight_change_leaves_out_the_magnitudes(tiny_model_dir: Path, adapter_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """DoRA rescales each output row of W + B·A·α/r to a learned magnitude: the audit's ΔW norms (of B·A·α/r) must
+    say that they leave that out, in audit.json and in audit.md; a plain LoRA's audit says ΔW = B·A·α/r."""
+    torch.manual_seed(0)
+    adapter = tmp_path / "dora"
+    dora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
+    get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_dir), dora).save_pretrained(adapter)
+    raw = config_of(Place(f"file://{tmp_path / 'registry'}", {}, fsspec.filesystem("file"), ""))
+    registry = Registry(raw["publish"]["registry"])
+    for version, variant, saved in ((1, "dora", adapter), (2, "lora", adapter_dir)):
+        cfg = Config.model_validate(raw | {"lora": {"variant": variant}, "quant": {"mode": "none"}})
+        publish.run(cfg, "medical", finished_run(tmp_path / "runs", saved, f"medical-{variant}", 1.0))
+        audit = published_audit(registry, version, tmp_path / "pulled")
+        measures = audit["change_log"]["weight_change"]["measures"]
+        assert (measures.startswith("the low-rank update B·A·α/r only: DoRA also rescales") if variant == "dora"
+                else measures == "ΔW = B·A·α/r")
+        assert f"modules ({measures})" in audit["audit.md"]
