@@ -43,7 +43,7 @@ from infra.registry import (
 from lora.config import Config, ConfigError, Domain, is_local_path
 from lora.data import read_jsonl, to_labelled_text, to_messages
 from lora import bottleneck
-from lora.diff import adapter_deltas
+from lora.diff import ModuleDelta, adapter_deltas
 from lora.errors import DataError
 from lora.files import file_sha256
 from lora.redact import drop_storage_options, redact_url
@@ -127,7 +127,7 @@ class Staged:
     eval_set: str
     staging: Path
     adapter_config: dict[str, Any]
-    deltas: list[Any]
+    deltas: list[ModuleDelta]
     incumbent: Incumbent | None
     current: Path | None
     """The incumbent's adapter, pulled to be evaluated on this run's eval set; None when it needs no measuring."""
@@ -152,9 +152,8 @@ def run_all(requests: list[Request], *, force: bool = False, new_version: bool =
         check_publishable(request.cfg)
     with contextlib.ExitStack() as folders:
         staged = [stage(request, folders, force, new_version) for request in requests]
-        ready = [s for s in staged if isinstance(s, Staged)]
-        works = dict(zip(map(id, ready), model_work_on_cluster(ready), strict=True))
-        return [s if isinstance(s, Outcome) else complete(s, works[id(s)], force) for s in staged]
+        works = iter(model_work_on_cluster([s for s in staged if isinstance(s, Staged)]))
+        return [s if isinstance(s, Outcome) else complete(s, next(works), force) for s in staged]
 
 
 def stage(request: Request, folders: contextlib.ExitStack, force: bool, new_version: bool) -> Staged | Outcome:
@@ -436,15 +435,17 @@ def model_work_on_cluster(runs: list[Staged]) -> list[ModelWork]:
     share a base (``same_base``) share a task; the tasks run at once. Ray is started or joined only when there is
     model work. Raises what ``model_work`` raises (``DataError``, ``BackendError``, ...), as it raised it;
     ``ConfigError`` when no node can hold such a worker."""
-    groups: dict[str, list[Staged]] = {}
-    for staged in runs:
+    groups: dict[str, list[int]] = {}  # same_base -> the positions in ``runs`` of its runs with model work to do
+    for n, staged in enumerate(runs):
         if staged.request.cfg.publish.audit_prompts or staged.current is not None:
-            groups.setdefault(same_base(staged), []).append(staged)
+            groups.setdefault(same_base(staged), []).append(n)
+    works = [ModelWork([], None) for _ in runs]
     if not groups:
-        return [ModelWork([], None) for _ in runs]
+        return works
     ensure_ray(runs[0].request.cfg)
     tasks = {}
-    for key, group in groups.items():
+    for key, positions in groups.items():
+        group = [runs[n] for n in positions]
         cfg, domain = group[0].request.cfg, group[0].domain
         check_fit(cfg, [domain])
         need = worker_resources(cfg, domain)
@@ -459,13 +460,14 @@ def model_work_on_cluster(runs: list[Staged]) -> list[ModelWork]:
                  {"current": adapter_files(s.current)} if s.current else {})}
             for s in group])
     try:
-        done = {key: ray.get(task) for key, task in tasks.items()}
+        for key, task in tasks.items():
+            for n, work in zip(groups[key], ray.get(task), strict=True):
+                works[n] = work
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, Exception):  # as pipelines/train.py: the error itself, not Ray's remote traceback
             raise error.cause from None
         raise
-    works = {id(staged): work for key, group in groups.items() for staged, work in zip(group, done[key], strict=True)}
-    return [works.get(id(staged), ModelWork([], None)) for staged in runs]
+    return works
 
 
 def same_base(staged: Staged) -> str:
