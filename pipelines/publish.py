@@ -589,13 +589,19 @@ def dequantized_for_cpu(base: Any, backend: Any) -> Any:
     token-by-token decoding: dequantized once, the same weights give the same answers (the bundled domains' audit
     samples, compared) in two thirds of the time."""
     import psutil
+    from transformers.utils import logging as transformers_logging
 
     if not backend.four_bit or backend.device.type != "cpu":
         return base
     size = base.num_parameters() * backend.compute_dtype.itemsize  # counts 4-bit weights unpacked
     if size > psutil.virtual_memory().available / 2:
         return base
-    return base.dequantize(dtype=backend.compute_dtype)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its warning "the modules are dequantized in float32" is the intent
+    try:
+        return base.dequantize(dtype=backend.compute_dtype)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def eval_examples(cfg: Config, domain: Domain, record: RunRecord, tokenizer: Any) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 # Set before Ray is imported anywhere in the process: usage stats would try to reach an outside server, and
 # token auth (which ray.init turns on by writing ~/.ray/auth_token) breaks later `ray start` + `ray job submit`.
@@ -21,10 +22,19 @@ from lora.config import Config  # noqa: E402
 from pipelines import progress  # noqa: E402
 
 
+_STARTING = threading.Lock()
+"""Held while Ray is joined or started: publishes running in threads of one process would otherwise both see Ray
+down and call ``ray.init`` twice, and the second call fails."""
+
+
 def ensure_ray(cfg: Config) -> None:
     """Join ``cluster.address`` (or ``RAY_ADDRESS``, as inside ``ray job submit``), else start Ray locally."""
-    if ray.is_initialized():
-        return
+    with _STARTING:
+        if not ray.is_initialized():
+            _init_ray(cfg)
+
+
+def _init_ray(cfg: Config) -> None:
     # Off a terminal, Ray's own INFO lines ("View the dashboard at ...") would bring colour codes into the log.
     driver_log_level = logging.INFO if progress.mode() == "bars" else logging.WARNING
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")

@@ -24,3 +24,29 @@ def test_autoscaler_node_types_read_the_config_ray_keeps(ray_cluster):
     finally:  # the session's other tests see a cluster without an autoscaler again
         _internal_kv_del(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, namespace=GCS_AUTOSCALER_STATE_NAMESPACE)
     assert autoscaler_node_types() == []
+
+
+def test_threads_of_one_process_join_ray_once(ray_cluster):
+    """Several threads that need Ray at once (publishes run side by side in one process): each ``ensure_ray`` call
+    returns connected, and none fails as a second ``ray.init``. Runs in a fresh process that joins the session's
+    cluster, so that this process's connection stays as it is."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import DATA, _domain_entry
+
+    script = f"""
+from concurrent.futures import ThreadPoolExecutor
+import ray
+from lora.config import Config
+from pipelines.ray_session import ensure_ray
+cfg = Config.model_validate({{"domains": [{_domain_entry("medical", DATA)!r}],
+                              "cluster": {{"address": {ray_cluster.get_runtime_context().gcs_address!r}}}}})
+with ThreadPoolExecutor(4) as pool:
+    list(pool.map(lambda _: ensure_ray(cfg), range(4)))
+print("connected", ray.is_initialized())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "connected True" in result.stdout, result.stderr[-3000:]
