@@ -34,7 +34,7 @@ from pipelines import publish
 from pipelines.cli import app
 from pipelines.records import RESULT_FILE, RunInfo, RunRecord, Sample
 from pipelines.run_folder import data_fingerprint
-from tests.conftest import DATA
+from tests.conftest import DATA, save_random_lora
 from tests.s3_fixtures import MOTO_BUCKET, moto_options
 
 WEIGHTS = "adapter_model.safetensors"
@@ -221,10 +221,8 @@ def test_publish_measures_production_and_answers_the_samples_on_one_model(ray_cl
     """Production evaluated on other data: the base and both adapters are measured on this run's eval set, and the
     audit samples answered, by one model (``publish.model_work``, the stage's one load of the base), in a Ray task
     with a training worker's resources, not in the driver; its errors reach the caller as they were raised."""
-    torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    adapter = tmp_path / "adapter"
-    get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(adapter)
+    adapter = save_random_lora(tiny_model_dir, tmp_path / "adapter", 0, r=4, lora_alpha=8,
+                               target_modules=["q_proj", "v_proj"])
     raw = config_of(Place(f"file://{tmp_path / 'registry'}", {}, fsspec.filesystem("file"), ""), small_data) | {
         "model": {"id": str(tiny_model_dir), "logical_id": "tests/tiny-llama"},
         "train": {"max_seq_len": 256, "micro_batch_size": 4}}
@@ -271,12 +269,9 @@ def test_runs_published_together_share_one_task_and_nothing_is_published_when_on
     """``publish.run_all``, as ``loramill run`` publishes its domains: one Ray task and one load of the base for the
     runs' model work; each audit holds its own domain's prompts, answered as a publish of that run alone answers
     them; and when one run's model work fails, no run is published."""
-    adapters = {}
-    for seed, domain in enumerate(("medical", "legal")):
-        torch.manual_seed(seed)
-        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        adapters[domain] = tmp_path / f"adapter-{domain}"
-        get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(adapters[domain])
+    adapters = {domain: save_random_lora(tiny_model_dir, tmp_path / f"adapter-{domain}", seed, r=4, lora_alpha=8,
+                                         target_modules=["q_proj", "v_proj"])
+                for seed, domain in enumerate(("medical", "legal"))}
     raw = config_of(Place(f"file://{tmp_path / 'registry'}", {}, fsspec.filesystem("file"), ""), small_data) | {
         "model": {"id": str(tiny_model_dir), "logical_id": "tests/tiny-llama"},
         "train": {"max_seq_len": 256, "micro_batch_size": 4}}
@@ -314,10 +309,8 @@ def test_a_dora_audit_says_its_weight_change_leaves_out_the_magnitudes(tiny_mode
                                                                       tmp_path: Path) -> None:
     """DoRA rescales each output row of W + B·A·α/r to a learned magnitude: the audit's ΔW norms (of B·A·α/r) must
     say that they leave that out, in audit.json and in audit.md; a plain LoRA's audit says ΔW = B·A·α/r."""
-    torch.manual_seed(0)
-    adapter = tmp_path / "dora"
-    dora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
-    get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_dir), dora).save_pretrained(adapter)
+    adapter = save_random_lora(tiny_model_dir, tmp_path / "dora", 0, r=4, lora_alpha=8,
+                               target_modules=["q_proj", "v_proj"], use_dora=True)
     raw = config_of(Place(f"file://{tmp_path / 'registry'}", {}, fsspec.filesystem("file"), ""))
     registry = Registry(raw["publish"]["registry"])
     for version, variant, saved in ((1, "dora", adapter), (2, "lora", adapter_dir)):
