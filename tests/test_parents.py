@@ -126,15 +126,17 @@ def test_concurrent_publishes_name_one_parent_in_audit_and_manifest(place: Place
     assert publish.run(cfg, "medical", runs[0]).published.version == 1  # every publisher below has a parent
     start = threading.Barrier(PUBLISHERS)
 
-    def publish_one(run_dir: Path) -> int:
+    def publish_one(run_dir: Path) -> publish.Outcome:
         start.wait()
-        return publish.run(cfg, "medical", run_dir).published.version
+        return publish.run(cfg, "medical", run_dir)
 
     with ThreadPoolExecutor(PUBLISHERS) as pool:
-        versions = list(pool.map(publish_one, runs[1:]))
+        outcomes = list(pool.map(publish_one, runs[1:]))
 
     registry = Registry(place.url, place.options or None)
+    versions = [outcome.published.version for outcome in outcomes]
     assert sorted(versions) == list(range(2, PUBLISHERS + 2))
+    assert [outcome.published.unverified for outcome in outcomes] == [None] * PUBLISHERS
     assert registry.versions("medical") == list(range(1, PUBLISHERS + 2))
     assert sorted(place.fs.find(f"{place.root}/serve/medical.latest")) == sorted(
         f"{place.root}/serve/medical.latest/{name}" for name in ("adapter_config.json", WEIGHTS))
