@@ -517,11 +517,14 @@ def show_training(results) -> None:
         return
     for r in results:
         progress.emit("trained", r.model_dump(mode="json", include=RUN_FIELDS)
-                      | {"adapter": str(r.output_dir / "adapter")})
+                      | {"adapter": str(r.output_dir / "adapter"), "batching": r.info.batching})
 
 
 def training_table(results) -> Table:
-    table = Table(title="loramill train", title_justify="left")
+    # The batching under the table: on a GPU an unset train.batch_tokens is chosen for the run, and steps of
+    # thousands of tokens are several epochs of a small set.
+    table = Table(title="loramill train", title_justify="left", caption_justify="left",
+                  caption="\n".join(f"{r.domain} batching: {r.info.batching}" for r in results if r.info.batching))
     classify = any(r.eval_accuracy is not None for r in results)
     for column in ("domain", "steps", "base eval loss", "adapter eval loss",
                    "accuracy base → trained" if classify else "ppl base → adapter",

@@ -107,9 +107,12 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
     trainable, total = parameter_counts(model)
     if sharded:
         _shard_base(model, backend.device, world_size)
+    chosen_by = ""
     if cfg.cluster.use_gpu and chat and cfg.train.batch_tokens is None:
         train_cfg = cfg.train.model_copy(update={"batch_tokens": _budget_for_this_gpu(model, cfg, backend.device)})
         cfg = cfg.model_copy(update={"train": train_cfg})
+        chosen_by = (" (the GPU default for this model and free memory, as train.batch_tokens is unset; "
+                     "train.micro_batch_size is not used)")
 
     shard = Shard(train_examples, eval_share(eval_examples, cfg.train.max_eval_examples, rank, world_size), rank,
                   world_size)
@@ -148,7 +151,8 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
         },
         compute_dtype=str(backend.compute_dtype).removeprefix("torch."),
         kernels=kernels,
-        batching=f"{batching.describe()}; {shard.padding_fraction(batching):.1%} of the first epoch's tokens padding",
+        batching=f"{batching.describe()}{chosen_by}; {shard.padding_fraction(batching):.1%} of the first epoch's "
+                 "tokens padding",
         checks=[data_check(data), trainable_check(cfg, trainable)],
         resumed_from_step=state.resumed_from_step,
     )

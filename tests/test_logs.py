@@ -42,6 +42,7 @@ def test_text_log_has_a_line_per_evaluation_and_interval_and_a_plain_table(ray_c
     assert [int(m[1]) for m in lines if not m[3]] == [1, 3]
     assert all(m[2] and m[4] and m[5] for m in lines if int(m[1]) > 0)
     assert "loramill train" in text and "adapter eval loss" in text  # the table, as plain text
+    assert "medical batching: padded: 4 examples a micro batch" in text  # under it, how the steps were made
 
 
 def test_json_log_is_one_object_per_line(ray_cluster, tiny_config_file):
@@ -63,3 +64,4 @@ def test_json_log_is_one_object_per_line(ray_cluster, tiny_config_file):
     [trained] = [o for o in objects if o["event"] == "trained"]
     assert trained["domain"] == "medical" and trained["steps"] == 4
     assert trained["eval_loss"] == progress[-1].eval_loss
+    assert trained["batching"].startswith("padded: 4 examples a micro batch")
