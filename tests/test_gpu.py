@@ -37,6 +37,10 @@ def test_one_gpu_ray_train_run(ray_cluster, tiny_config_file):
     assert info["hardware"]["use_gpu"] and info["compute_dtype"] == "bfloat16"
     assert info["hardware"]["device"].startswith("NVIDIA")
     assert facts["eval_loss"] < facts["base_eval_loss"]
+    # No train.batch_tokens in the config: the budget is the GPU default, and the line under the table says so.
+    assert info["batching"].startswith("packed: ") and "the GPU default" in info["batching"]
+    shown = " ".join(result.output.split())  # the caption wraps at the table's width
+    assert "legal batching: packed: " in shown and "train.micro_batch_size is not used" in shown
 
 
 def _loss_and_lora_grads(model_dir, fused: bool) -> tuple[str, torch.Tensor, dict[str, torch.Tensor]]:
