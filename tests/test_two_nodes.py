@@ -2,6 +2,7 @@
 cluster. A domain that asks for that resource (``domains[].resources_per_worker``) trains on that node, the other on
 the head, and both checkpoint to shared storage: an ``s3://`` prefix on the session's SeaweedFS."""
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from ray._common.utils import get_ray_address_file  # where `ray start` records it (no public API)
@@ -47,15 +49,33 @@ def second_node(ray_cluster):
         assert process.poll() is None and time.monotonic() < deadline, "the second raylet did not join"
         time.sleep(1)
     [node_id] = joined
-    yield node_id
-    process.send_signal(signal.SIGINT)  # `ray start --block` stops the node's own processes on SIGINT
-    process.wait(timeout=120)
-    while node_id in _alive_nodes(ray) and time.monotonic() < deadline + 120:
-        time.sleep(1)
-    if recorded is None:
-        current_cluster.unlink(missing_ok=True)
-    else:
-        current_cluster.write_text(recorded)
+    try:
+        yield node_id
+    finally:
+        _stop_node(process)
+        deadline = time.monotonic() + 120
+        while node_id in _alive_nodes(ray) and time.monotonic() < deadline:
+            time.sleep(1)
+        if recorded is None:
+            current_cluster.unlink(missing_ok=True)
+        else:
+            current_cluster.write_text(recorded)
+
+
+def _stop_node(process: subprocess.Popen) -> None:
+    """Stop `ray start --block` and the node's processes: SIGINT (it stops its raylet and workers itself), then, if it
+    has not finished within a minute, SIGKILL to all of them. On a loaded 2-core CI machine one such stop was still
+    running after 120 s."""
+    node = psutil.Process(process.pid)
+    processes = [node, *node.children(recursive=True)]  # the raylet and its workers, listed while they are children
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        for left in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                left.kill()
+        process.wait(timeout=30)
 
 
 def test_domains_land_where_the_config_says_and_checkpoint_to_shared_storage(second_node, ray_cluster,
