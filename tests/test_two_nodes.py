@@ -51,11 +51,11 @@ def second_node(ray_cluster):
     [node_id] = joined
     try:
         yield node_id
-    finally:
         _stop_node(process)
         deadline = time.monotonic() + 120
         while node_id in _alive_nodes(ray) and time.monotonic() < deadline:
             time.sleep(1)
+    finally:  # even when stopping the node failed: later tests' ray.init() must not find this node's record
         if recorded is None:
             current_cluster.unlink(missing_ok=True)
         else:
