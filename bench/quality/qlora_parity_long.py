@@ -21,7 +21,8 @@ Two halves, because the GPU node reaches no hub and no registry:
   QLoRA, one panel per domain, from the first record).
 
     python3 bench/quality/qlora_parity_long.py node --model /tmp/models/smollm2-135m-instruct --model-sha256 HEX
-    .venv/bin/python bench/quality/qlora_parity_long.py render bench/quality/qlora_parity_long_run*.json
+    .venv/bin/python bench/quality/qlora_parity_long.py render bench/quality/qlora_parity_long_run3.json \\
+        bench/quality/qlora_parity_long_run4.json
 """
 
 from __future__ import annotations
@@ -193,6 +194,19 @@ def relative_gap(qlora: dict, lora: dict, step: int) -> float | None:
     return None if q is None or f is None else (q - f) / f
 
 
+def absolute_gap(qlora: dict, lora: dict, step: int) -> float:
+    """QLoRA - LoRA eval loss at ``step`` (both runs reached it)."""
+    return qlora["eval_curve"][str(step)] - lora["eval_curve"][str(step)]
+
+
+def batch_tokens(record: dict) -> str | None:
+    """The ``train.batch_tokens`` a record's runs were given, None where their commands left it unset (node runs 1
+    and 2: each step then took the GPU default's budget, not about 4 examples, and did not ask the question)."""
+    found = {o.split("=", 1)[1] for c in record["commands"] for o in c["overrides"]
+             if o.startswith("train.batch_tokens=")}
+    return ", ".join(sorted(found)) or None
+
+
 def shared_steps(pair: dict) -> list[int]:
     """The evaluated steps both runs of the pair reached on every domain."""
     curves = [run["eval_curve"] for runs in pair.values() for run in runs.values()]
@@ -209,7 +223,8 @@ def verdict(pair: dict) -> tuple[str, list[str]]:
         start, end = relative_gap(pair["nf4"][name], lora, first), relative_gap(pair["nf4"][name], lora, last)
         closed.append(abs(end) <= PARITY)
         narrowed.append(abs(end) < abs(start))
-        lines.append(f"- {name}: {start:+.2%} at step {first} → {end:+.2%} at step {last}: "
+        lines.append(f"- {name}: {start:+.2%} ({absolute_gap(pair['nf4'][name], lora, first):+.4f}) at step {first} "
+                     f"→ {end:+.2%} ({absolute_gap(pair['nf4'][name], lora, last):+.4f}) at step {last}: "
                      + ("narrows" if narrowed[-1] else "does not narrow") + ", "
                      + ("within" if closed[-1] else "outside") + f" ±{PARITY:.0%}")
     reach = f"step {last}" + ("" if last == STEPS else f" (the last step both runs reached on every domain; "
@@ -252,15 +267,48 @@ def pair_section(dtype: str, pair: dict) -> list[str]:
                      f"{qlora['eval_curve'][str(last)] - lora['eval_curve'][str(last)]:+.4f} | "
                      + " | ".join(percent(relative_gap(qlora, lora, s)) for s in GAP_STEPS)
                      + f" | {'yes' if abs(end) <= PARITY else 'no'} |")
-    lines += ["", "Relative gap at every evaluation both runs reached:", "",
+    lines += ["", "Relative gap, (QLoRA − LoRA) / LoRA eval loss, at every evaluation both runs reached:", "",
               "| domain | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---:|" * len(steps)]
     for name, lora in pair["none"].items():
         lines.append(f"| {name} | " + " | ".join(f"{relative_gap(pair['nf4'][name], lora, s):+.1%}" for s in steps)
                      + " |")
+    lines += ["", "Absolute gap, QLoRA − LoRA eval loss, at the same evaluations:", "",
+              "| domain | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for name, lora in pair["none"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{absolute_gap(pair['nf4'][name], lora, s):+.4f}" for s in steps)
+                     + " |")
     lines += ["", ("Near the end both runs are close to zero loss on these templated domains, where a relative gap "
-                   "is a ratio of two small numbers: read it with the absolute difference beside it."),
+                   "is a ratio of two small numbers: read it with the absolute difference beside it. Each run is "
+                   "one seed (0): the run-to-run spread at a step was not measured, so a difference of a few percent "
+                   "between two runs is not shown to exceed it."),
               "", f"**Does the gap close?** {summary}.", "", *per_domain, "", oom, ""]
+    speed = step_times(pair)
+    if speed:
+        lines += [speed, ""]
     return lines
+
+
+def step_times(pair: dict) -> str | None:
+    """Seconds a training step and tokens a second of each run (``train_seconds``: the steps alone, evaluations and
+    checkpoints not counted), from runs that finished; None where one did not."""
+    runs = [run for runs in pair.values() for run in runs.values()]
+    if any(run.get("partial") or not run.get("train_seconds") for run in runs):
+        return None
+
+    def spread(values: list[float], form: str) -> str:
+        low, high = format(min(values), form), format(max(values), form)
+        return low if low == high else f"{low}-{high}"
+
+    parts = []
+    for mode in ("none", "nf4"):
+        runs = pair[mode].values()
+        parts.append(f"{MODES[mode]} {spread([r['train_seconds'] / r['steps'] for r in runs], '.3f')} s a step, "
+                     f"{spread([r['tokens_per_second'] for r in runs], ',.0f')} tokens/s "
+                     f"({spread([r['tokens_per_second'] * r['train_seconds'] / r['steps'] for r in runs], '.0f')} "
+                     "real tokens a step), "
+                     f"{spread([r['wall_seconds'] for r in runs], '.0f')} s wall a domain")
+    return ("Speed (each domain's run: its training steps alone, from result.json; the pair's six runs at once on "
+            "one GPU): " + "; ".join(parts) + ".")
 
 
 def render(record_paths: list[Path]) -> None:
@@ -272,6 +320,10 @@ def render(record_paths: list[Path]) -> None:
     for path, record in zip(record_paths, records):
         if record["model_sha256"] != here_sha:
             raise SystemExit(f"{path}: the model sha256 {record['model_sha256']} is not this machine's {here_sha}")
+    given = {path.resolve() for path in record_paths}
+    unset = [path.name for path, record in zip(record_paths, records) if batch_tokens(record) is None]
+    left_out = sorted(path.name for path in HERE.glob("qlora_parity_long_run*.json")
+                      if path.resolve() not in given and batch_tokens(json.loads(path.read_text())) is None)
     lines = [
         "# QLoRA parity over 10x the demo's steps: NF4 + double-quant base vs unquantized base, same LoRA",
         "",
@@ -280,27 +332,46 @@ def render(record_paths: list[Path]) -> None:
         f"Base weights: SmolLM2-135M-Instruct as loramill converts it, model.safetensors sha256 `{here_sha[:16]}…` "
         "(this machine's, checked on the node before training and here before rendering).",
         "",
-        ("**Read this first: these runs do not answer the issue's question.** With `cluster.use_gpu=true` and "
-         "`train.batch_tokens` unset, loramill sizes each micro batch by a token budget from the GPU's free memory "
-         "(up to 16,384 tokens, over a hundred of these examples), not by `micro_batch_size`. So each step here took "
-         "that many examples, not the demo's 4: by step 40-60 both runs of a pair are near zero eval loss on these "
-         "templated sets, and the relative gaps below are ratios of small numbers. The runs that shared one GPU "
-         "also each sized their budget from the same free memory, which is how node run 1 ran out of memory. A "
-         "rerun with `train.batch_tokens=512` (about 4 examples a step, as on the CPU) would ask the question; it "
-         "was not made (found after the runs, 2026-11-30)."),
-        "",
-        ("configs/default.yaml (LoRA r=8, alpha=16 on all linear layers, lr 0.001 cosine with 3 "
-         "warmup steps, seed 0, eval loss on the first 32 held-out examples of each domain) with "
-         f"`train.max_steps={STEPS}` (the demo trains 20) and `train.eval_every={EVAL_EVERY}`. The two runs of a "
-         "pair differ only in `quant.mode`. Relative gap = (QLoRA − LoRA) / LoRA eval loss; the parity goal is "
-         f"±{PARITY:.0%}. The cosine schedule spans the {STEPS} steps, so step 20 here is not the demo's end of "
-         "training (its learning rate is still near the peak)."),
+        (f"**Does the QLoRA − LoRA gap close with {STEPS} steps (10x the demo's)?** Computed from the relative gap "
+         f"at step {GAP_STEPS[0]} and at the last step both runs reached, against the ±{PARITY:.0%} parity goal:"),
         "",
     ]
-    for number, (path, record) in enumerate(zip(record_paths, records), start=1):
-        wall = f", {record['wall_minutes']:.1f} min" if record["wall_minutes"] else ""
-        lines += [f"## Node run {number} ({path.name}): {record['date']}{wall}", "", f"Machine: {record['machine']}.",
-                  ""]
+    for path, record in zip(record_paths, records):
+        for dtype, pair in record["runs"].items():
+            if set(pair) == set(MODES):
+                lines.append(f"- compute dtype {dtype} ({path.name}, `train.batch_tokens="
+                             f"{batch_tokens(record) or 'unset'}`): {verdict(pair)[0]}.")
+    lines.append("")
+    if unset:
+        lines += [
+            ("**Read this first: " + ", ".join(unset) + (" does" if len(unset) == 1 else " do")
+             + " not answer the issue's question.** With `cluster.use_gpu=true` and `train.batch_tokens` unset, "
+             "loramill sizes each micro batch by a token budget from the GPU's free memory (up to 16,384 tokens, "
+             "over a hundred of these examples), not by `micro_batch_size`. So each step there took that many "
+             "examples, not the demo's 4: by step 40-60 both runs of a pair are near zero eval loss on these "
+             "templated sets, and the relative gaps are ratios of small numbers. Runs that shared one GPU also each "
+             "sized their budget from the same free memory, which is how node run 1 ran out of memory."), ""]
+    if left_out:
+        lines += [("Not rendered here: " + ", ".join(left_out) + ", made before `node` passed "
+                   "`train.batch_tokens` (each step took the GPU default's token budget, over a hundred examples, "
+                   "so they do not ask the question); the files stay in bench/quality/."), ""]
+    lines += [
+        ("configs/default.yaml (LoRA r=8, alpha=16 on all linear layers, lr 0.001 cosine with 3 "
+         "warmup steps, seed 0, eval loss on the first 32 held-out examples of each domain) with "
+         f"`train.max_steps={STEPS}` (the demo trains 20) and `train.eval_every={EVAL_EVERY}`; `node` passes "
+         "`train.batch_tokens=512` (since run 3): each micro batch one packed row of 512 tokens, about 4 of these "
+         "examples (the demo's `micro_batch_size` is 4). The two runs of a pair differ only in `quant.mode`. Relative gap = "
+         f"(QLoRA − LoRA) / LoRA eval loss; the parity goal is ±{PARITY:.0%}. The cosine schedule spans the "
+         f"{STEPS} steps, so step 20 here is not the demo's end of training (its learning rate is still near the "
+         "peak)."),
+        "",
+    ]
+    for path, record in zip(record_paths, records):
+        wall = f", node wall {record['wall_minutes']:.1f} min" if record["wall_minutes"] else ""
+        dtypes = ", ".join(record["runs"])
+        lines += [(f"## {path.name}: {record['date']}, compute dtype {dtypes}, "
+                   f"`train.batch_tokens={batch_tokens(record) or 'unset'}`{wall}"), "",
+                  f"Machine: {record['machine']}.", ""]
         for dtype, pair in record["runs"].items():
             if set(pair) != set(MODES):
                 continue
@@ -322,21 +393,26 @@ def render(record_paths: list[Path]) -> None:
                                      "model.id=/tmp/models/smollm2-135m-instruct"]))
         lines += ["```", ""]
     lines += ["![eval loss and relative gap against step, LoRA vs QLoRA](qlora_parity_long.png)", "",
-              ("The figure: every pair whose two runs share more than the base evaluation, from every node run "
-               "(solid float32 compute, dashed bfloat16)."), ""]
+              ("The figure: every pair whose two runs share more than the base evaluation, from every record "
+               "rendered here (solid float32 compute, dashed bfloat16)."), ""]
     (HERE / "qlora_parity_long.md").write_text("\n".join(lines))
-    plot(records, HERE / "qlora_parity_long.png")
+    plot(records, [run_label(path) for path in record_paths], HERE / "qlora_parity_long.png")
     print((HERE / "qlora_parity_long.md").read_text())
 
 
-def plot(records: list[dict], path: Path) -> None:
+def run_label(path: Path) -> str:
+    """``run3`` for qlora_parity_long_run3.json (the record's name otherwise)."""
+    return path.stem.removeprefix("qlora_parity_long_")
+
+
+def plot(records: list[dict], labels: list[str], path: Path) -> None:
     """Row 1: eval loss against step per domain (solid float32 compute, dashed bf16); row 2: the relative gap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = {f"{dtype}, run {number}": (dtype, pair) for number, record in enumerate(records, start=1)
+    pairs = {f"{dtype}, {label}": (dtype, pair) for label, record in zip(labels, records)
              for dtype, pair in record["runs"].items() if set(pair) == set(MODES) and len(shared_steps(pair)) > 1}
     domains = list(next(iter(pairs.values()))[1]["none"])
     fig, axes = plt.subplots(2, len(domains), figsize=(4.5 * len(domains), 7), sharex=True, squeeze=False)
