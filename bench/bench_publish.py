@@ -36,7 +36,7 @@ STAGES = {  # stage label -> (owner, attribute): the driver-side steps of `publi
     "already published? (manifests)": [(publish, "published_as")],
     "ΔW per module": [(publish, "adapter_deltas")],
     "gate incumbent (pull)": [(publish, "gate_incumbent")],
-    "model work (Ray task)": [(publish, "model_work_on_cluster")],
+    "model work (Ray task)": [(publish, "model_work_results")],
     "plots": [(publish.audit_docs, "plot_losses"), (publish.audit_docs, "plot_deltas")],
     "reserve version + verify parent": [(Registry, "reserve")],
     "audit documents": [(publish.audit_docs, "build_audit"), (publish.audit_docs, "render_markdown"),
@@ -60,7 +60,7 @@ def instrument(seconds: dict[str, float], work: list) -> None:
                 finally:
                     seconds[_label] = seconds.get(_label, 0.0) + time.perf_counter() - started
                 if _label == "model work (Ray task)":
-                    work.extend(result)
+                    work.extend(result.values())
                 return result
 
             setattr(owner, name, timed)

@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pipelines.ray_session  # noqa: F401  (sets Ray's environment before ray is imported)
 import ray
@@ -50,7 +50,7 @@ from lora.redact import drop_storage_options, redact_url
 from lora.train import HISTORY_FILE
 from pipelines import audit as audit_docs
 from pipelines.audit import Parent
-from pipelines.cluster import check_fit, worker_resources
+from pipelines.cluster import check_fit, fits, worker_resources
 from pipelines.gate import Candidate, Incumbent, decide, stored_incumbent
 from pipelines.records import (
     RESULT_FILE,
@@ -86,6 +86,8 @@ class Outcome:
     written."""
     warnings: list[str] = field(default_factory=list)
     """What did not happen after the commit point, each with its fix; the version exists all the same."""
+    model_work: ModelWork | None = None
+    """What this publish's model work measured, and where and when it ran; None for a run published before."""
 
 
 @dataclass(frozen=True)
@@ -140,25 +142,110 @@ def run(cfg: Config, domain_name: str, run_dir: Path, *, force: bool = False, se
 
 
 def run_all(requests: list[Request], *, force: bool = False, new_version: bool = False) -> list[Outcome]:
-    """Publish each requested run as the next version of its domain and apply the gate; outcomes in that order.
+    """Publish each requested run as the next version of its domain and apply the gate; outcomes in that order
+    (``Publishing`` with every run added at once: runs that share a base share one Ray task, one load of it and
+    one batch of audit samples).
 
-    The runs' model work is done first, together: runs that share a base share one Ray task and one load of it,
-    and their audit samples are answered in one batch. Nothing is published unless every run's model work
-    succeeded. A run already published (same ``RunFingerprint``) is not published again: its version is returned,
-    with the steps after its commit point finished (verify, move ``latest``, the promotion its gate decided), unless
-    ``new_version``.
+    Nothing is published unless every run's model work succeeded. A run already published (same
+    ``RunFingerprint``) is not published again: its version is returned, with the steps after its commit point
+    finished (verify, move ``latest``, the promotion its gate decided), unless ``new_version``.
     """
     for request in requests:
         check_publishable(request.cfg)
-    with contextlib.ExitStack() as folders:
-        staged = [stage(request, folders, force, new_version) for request in requests]
-        works = iter(model_work_on_cluster([s for s in staged if isinstance(s, Staged)]))
-        return [s if isinstance(s, Outcome) else complete(s, next(works), force) for s in staged]
+    with Publishing(force=force, new_version=new_version) as publishing:
+        for request in requests:
+            publishing.add(request)
+        return publishing.finish()
 
 
-def stage(request: Request, folders: contextlib.ExitStack, force: bool, new_version: bool) -> Staged | Outcome:
-    """Everything a publish does before its model work, in temporary folders that ``folders`` removes; the outcome
-    itself for a run that was published before (unless ``new_version``)."""
+@dataclass(frozen=True)
+class PublishedBefore:
+    """A run that is already a version of its domain (``published_as``): publishing it settles that version."""
+
+    registry: Registry
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class ModelWorkTask:
+    """A started ``model_work_task``: the positions of its runs in ``Publishing.entries`` and what it reserved."""
+
+    positions: list[int]
+    need: dict[str, float]
+    ref: Any
+
+
+class Publishing:
+    """Runs published together, added as they are ready: ``add`` stages a run and starts the model work (audit
+    samples, the gate's evaluation) of the runs staged so far when the cluster has room for it, so that it can run
+    while other domains still train; ``finish`` waits for all of it and only then writes versions to the registry,
+    in the order the runs were added. Nothing is written to the registry before ``finish``, and nothing at all
+    unless every run's model work succeeded. Use it as a context manager: its staging folders live until exit."""
+
+    def __init__(self, *, force: bool = False, new_version: bool = False) -> None:
+        self.force, self.new_version = force, new_version
+        self.folders = contextlib.ExitStack()
+        self.entries: list[Staged | PublishedBefore] = []
+        self.unstarted: list[int] = []
+        """Positions in ``entries`` of staged runs whose model work has not started."""
+        self.tasks: list[ModelWorkTask] = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for task in self.tasks:  # a publish that failed leaves no model work behind (finished tasks ignore it)
+            ray.cancel(task.ref)
+        self.folders.close()
+
+    def add(self, request: Request, spare: dict[str, float] | None = None) -> None:
+        """Stage ``request``'s run, then start the model work of the staged runs that fits in ``spare``: the
+        cluster resources nothing else claims now (None: none, it starts in ``finish``)."""
+        entry = stage(request, self.folders, self.new_version)
+        if isinstance(entry, Staged) and has_model_work(entry):
+            self.unstarted.append(len(self.entries))
+        self.entries.append(entry)
+        if spare is not None:
+            self.start_model_work(spare)
+
+    def start_model_work(self, spare: dict[str, float] | None) -> None:
+        """One task for each base among the runs whose model work has not started (``same_base``), started when
+        it fits in ``spare`` next to this publishing's tasks still running (always, when ``spare`` is None)."""
+        groups: dict[str, list[int]] = {}
+        for n in self.unstarted:
+            groups.setdefault(same_base(self.entries[n]), []).append(n)
+        refs = [task.ref for task in self.tasks]
+        finished = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        in_use: dict[str, float] = {}
+        for task in self.tasks:
+            if task.ref not in finished:
+                in_use = added(in_use, task.need)
+        for positions in groups.values():
+            runs = [self.entries[n] for n in positions]
+            need = worker_resources(runs[0].request.cfg, runs[0].domain)
+            if spare is None or fits(need, in_use, spare):
+                self.tasks.append(ModelWorkTask(positions, need, start_model_work_task(runs, need)))
+                in_use = added(in_use, need)
+                self.unstarted = [n for n in self.unstarted if n not in positions]
+
+    def finish(self) -> list[Outcome]:
+        """Start the model work not started yet, wait for all of it, then publish every run (or settle the version
+        it was published as before); outcomes in the order the runs were added. Raises what ``model_work`` raised
+        (``DataError``, ``BackendError``, ...), as it raised it, before anything is written."""
+        self.start_model_work(None)
+        works = model_work_results(self.tasks)
+        return [settle_again(entry.registry, entry.manifest, self.force) if isinstance(entry, PublishedBefore)
+                else complete(entry, works.get(n, ModelWork([], None)), self.force)
+                for n, entry in enumerate(self.entries)]
+
+
+def added(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {key: a.get(key, 0) + b.get(key, 0) for key in a.keys() | b.keys()}
+
+
+def stage(request: Request, folders: contextlib.ExitStack, new_version: bool) -> Staged | PublishedBefore:
+    """Everything a publish does before its model work, in temporary folders that ``folders`` removes; writes
+    nothing to the registry. For a run that was published before (unless ``new_version``), that version."""
     cfg = request.cfg
     domain = cfg.domain(request.domain)
     record, history = read_run(request.run_dir)
@@ -167,7 +254,7 @@ def stage(request: Request, folders: contextlib.ExitStack, force: bool, new_vers
     if not new_version:
         earlier = published_as(registry, domain.name, fingerprint_of_run(record, request.run_dir, public_config))
         if earlier is not None:
-            return settle_again(registry, earlier, force)
+            return PublishedBefore(registry, earlier)
     eval_set = eval_set_fingerprint(record.info.data["eval"].sha256, cfg.train)
     staging = Path(folders.enter_context(tempfile.TemporaryDirectory(prefix="loramill-publish-")))
     gate_dir = Path(folders.enter_context(tempfile.TemporaryDirectory(prefix="loramill-gate-")))
@@ -208,6 +295,7 @@ def complete(staged: Staged, work: ModelWork, force: bool) -> Outcome:
     published = registry.publish_reserved(reservation, staging, metadata.model_dump(mode="json"))
     outcome = finish(registry, published, gate_decision)
     outcome.warnings += record_published(cfg, record.run_name, published.version, published.url)
+    outcome.model_work = work
     return outcome
 
 
@@ -416,6 +504,8 @@ class ModelWork:
     """Wall seconds of each part of the task (``load``: tokenizer, base and adapters; ``gate_eval``; ``samples``)."""
     shared_with: tuple[str, ...] = ()
     """The other domains whose model work was done in the same task, on the same load of the base."""
+    started_at: float | None = None
+    """When the task began (seconds since the epoch): model work may run while other domains still train."""
 
 
 @dataclass(frozen=True)
@@ -429,40 +519,38 @@ class WorkItem:
     current: Path | None
 
 
-def model_work_on_cluster(runs: list[Staged]) -> list[ModelWork]:
-    """``model_work`` for each run, as Ray tasks with the resources of one of the domain's training workers (a GPU
-    when ``cluster.use_gpu``), so that the driver, often a small CPU-only head, never loads the base. Runs that
-    share a base (``same_base``) share a task; the tasks run at once. Ray is started or joined only when there is
-    model work. Raises what ``model_work`` raises (``DataError``, ``BackendError``, ...), as it raised it;
-    ``ConfigError`` when no node can hold such a worker."""
-    groups: dict[str, list[int]] = {}  # same_base -> the positions in ``runs`` of its runs with model work to do
-    for n, staged in enumerate(runs):
-        if staged.request.cfg.publish.audit_prompts or staged.current is not None:
-            groups.setdefault(same_base(staged), []).append(n)
-    works = [ModelWork([], None) for _ in runs]
-    if not groups:
-        return works
-    ensure_ray(runs[0].request.cfg)
-    tasks = {}
-    for key, positions in groups.items():
-        group = [runs[n] for n in positions]
-        cfg, domain = group[0].request.cfg, group[0].domain
-        check_fit(cfg, [domain])
-        need = worker_resources(cfg, domain)
-        task = model_work_task.options(num_cpus=need.pop("CPU"), num_gpus=need.pop("GPU", 0), resources=need)
-        # The adapters travel as bytes instead of the task being pinned to this node: on a cluster with a CPU-only
-        # head the driver's node cannot hold a GPU worker, and the adapter folders are this process's temporary
-        # folders. An 8B r=16 all-linear adapter is 168 MB, copied once through Ray's object store. The base and
-        # the eval files are read where the task runs, as a training worker of the domain reads them.
-        tasks[key] = task.remote([
-            {"cfg": s.request.cfg.model_dump(), "domain": s.domain.name, "record": s.record,
-             "adapters": {"candidate": adapter_files(s.staging)} | (
-                 {"current": adapter_files(s.current)} if s.current else {})}
-            for s in group])
+def has_model_work(staged: Staged) -> bool:
+    """Audit samples to answer, or an incumbent to evaluate on the run's eval set."""
+    return bool(staged.request.cfg.publish.audit_prompts) or staged.current is not None
+
+
+def start_model_work_task(runs: list[Staged], need: dict[str, float]) -> Any:
+    """``model_work`` of runs that share a base (``same_base``) as one Ray task with ``need``, the resources of one
+    of the domain's training workers (a GPU when ``cluster.use_gpu``), so that the driver, often a small CPU-only
+    head, never loads the base. Ray is started or joined here, as only model work needs it. ``ConfigError`` when no
+    node can hold such a worker."""
+    cfg, domain = runs[0].request.cfg, runs[0].domain
+    ensure_ray(cfg)
+    check_fit(cfg, [domain])
+    need = dict(need)
+    task = model_work_task.options(num_cpus=need.pop("CPU"), num_gpus=need.pop("GPU", 0), resources=need)
+    # The adapters travel as bytes instead of the task being pinned to this node: on a cluster with a CPU-only
+    # head the driver's node cannot hold a GPU worker, and the adapter folders are this process's temporary
+    # folders. An 8B r=16 all-linear adapter is 168 MB, copied once through Ray's object store. The base and
+    # the eval files are read where the task runs, as a training worker of the domain reads them.
+    return task.remote([
+        {"cfg": s.request.cfg.model_dump(), "domain": s.domain.name, "record": s.record,
+         "adapters": {"candidate": adapter_files(s.staging)} | (
+             {"current": adapter_files(s.current)} if s.current else {})}
+        for s in runs])
+
+
+def model_work_results(tasks: list[ModelWorkTask]) -> dict[int, ModelWork]:
+    """Each task's ``ModelWork`` by the position of its run; raises what ``model_work`` raised, as it raised it."""
+    works = {}
     try:
-        for key, task in tasks.items():
-            for n, work in zip(groups[key], ray.get(task), strict=True):
-                works[n] = work
+        for task in tasks:
+            works.update(zip(task.positions, ray.get(task.ref), strict=True))
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, Exception):  # as pipelines/train.py: the error itself, not Ray's remote traceback
             raise error.cause from None
@@ -484,6 +572,7 @@ def same_base(staged: Staged) -> str:
 @ray.remote
 def model_work_task(orders: list[dict[str, Any]]) -> list[ModelWork]:
     """``model_work`` where Ray placed it, on the adapters' files written to a temporary folder there."""
+    started_at = time.time()
     import torch
 
     with tempfile.TemporaryDirectory(prefix="loramill-model-work-") as folder:
@@ -500,7 +589,7 @@ def model_work_task(orders: list[dict[str, Any]]) -> list[ModelWork]:
                                   written.get("current")))
         torch.set_num_threads(max(1, int(items[0].cfg.cluster.cpus_per_worker)))  # the CPUs reserved, as a worker
         works = model_work(items)
-    here = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    here = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "started_at": started_at}
     return [replace(work, **here) for work in works]
 
 

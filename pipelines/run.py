@@ -19,8 +19,9 @@ class DomainOutcome:
 
 def run(cfg: Config, domain_names: list[str] | None = None, *, sweep: bool = False,
         fresh: bool = False) -> list[DomainOutcome]:
-    """Train all selected domains (concurrently on Ray), then publish the finished runs (their model work together:
-    ``publish.run_all``).
+    """Train all selected domains (concurrently on Ray) and publish the finished runs (``publish.Publishing``):
+    each run is staged as it finishes, and the model work of the runs finished so far starts as soon as the
+    domains still training leave room for it; versions are written once every domain has trained.
 
     With ``sweep``, each domain's Tune search runs first and its best trial's values train the final run; the
     audit then records the search space, the trials and the choice. ``fresh`` trains new runs even where an
@@ -36,10 +37,17 @@ def run(cfg: Config, domain_names: list[str] | None = None, *, sweep: bool = Fal
         for result in tune.run(cfg, domain_names):
             searches[result.domain] = search_record(cfg, result)
             domain_configs[result.domain] = tune.best_config(cfg, result.domain)
-    results = train.run(cfg, domain_names, domain_configs, fresh=fresh)
-    outcomes = publish.run_all([publish.Request(domain_configs.get(r.domain, cfg), r.domain, r.output_dir,
-                                                searches.get(r.domain)) for r in results])
-    return [DomainOutcome(r, outcome) for r, outcome in zip(results, outcomes, strict=True)]
+    with publish.Publishing() as publishing:
+        finished: list[str] = []
+
+        def publish_when_trained(record: RunRecord, spare: dict[str, float] | None) -> None:
+            finished.append(record.domain)
+            publishing.add(publish.Request(domain_configs.get(record.domain, cfg), record.domain, record.output_dir,
+                                           searches.get(record.domain)), spare)
+
+        results = train.run(cfg, domain_names, domain_configs, fresh=fresh, on_finished=publish_when_trained)
+        outcomes = dict(zip(finished, publishing.finish(), strict=True))
+    return [DomainOutcome(r, outcomes[r.domain]) for r in results]
 
 
 def search_record(cfg: Config, sweep: Any) -> SearchRecord:

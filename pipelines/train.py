@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pipelines.ray_session  # noqa: F401  (sets Ray's environment before ray is imported)
@@ -57,7 +58,9 @@ def build_trainer(cfg: Config, domain: Domain, name: str, *, display: Display, t
     )
 
 
-@ray.remote(num_cpus=0.01)
+# It reserves nothing: the trainer's workers reserve the domain's resources, and ``run`` counts only theirs when it
+# offers what training leaves free to other work.
+@ray.remote(num_cpus=0)
 def fit_domain(cfg_dict: dict[str, Any], domain_name: str, data_sha256: dict[str, str],
                fresh: str | None, display: Display, tracking: Tracking) -> dict[str, Any]:
     """Fit one domain's TorchTrainer and copy its final checkpoint into the local output folder."""
@@ -86,12 +89,15 @@ def select_domains(cfg: Config, names: list[str] | None) -> list[Domain]:
 
 
 def run(cfg: Config, domain_names: list[str] | None = None, domain_configs: dict[str, Config] | None = None,
-        *, fresh: bool = False) -> list[RunRecord]:
+        *, fresh: bool = False,
+        on_finished: Callable[[RunRecord, dict[str, float] | None], None] | None = None) -> list[RunRecord]:
     """Train every selected domain (concurrently as resources allow); results as they lie in ``output_dir``.
 
     ``domain_configs`` replaces ``cfg`` for the domains it names (e.g. with their tuned LoRA values). A run with
     the same config and data as an earlier one resumes it (a finished one trains no step); ``fresh`` starts new
-    runs whatever exists.
+    runs whatever exists. ``on_finished(record, spare)`` is called as each domain's run finishes, with the cluster
+    resources that training leaves free from then on, or None while domains still wait for them: publishing starts
+    its model work there, while the last domains train. What it raises stops the training still running.
     """
     domains = select_domains(cfg, domain_names)
     tracking = Tracking.open(cfg)  # before Ray starts: a wrong tracking.mlflow_uri fails in seconds
@@ -106,7 +112,9 @@ def run(cfg: Config, domain_names: list[str] | None = None, domain_configs: dict
     capacity = ray.cluster_resources()
     waiting, pending, in_use, results = list(domains), {}, {}, []
     with shown_here() as display:  # off a terminal: the runs' progress lines, printed here
-        while waiting or pending:
+
+        def start_what_fits() -> None:
+            nonlocal in_use
             while waiting and (not pending
                                or fits(domain_need(configs[waiting[0].name], waiting[0]), in_use, capacity)):
                 domain = waiting.pop(0)
@@ -116,18 +124,27 @@ def run(cfg: Config, domain_names: list[str] | None = None, domain_configs: dict
                     tracking)
                 pending[ref] = (domain.name, need)
                 in_use = {k: in_use.get(k, 0) + need.get(k, 0) for k in in_use.keys() | need.keys()}
+
+        start_what_fits()
+        while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             name, need = pending.pop(done[0])
             in_use = {k: v - need.get(k, 0) for k, v in in_use.items()}
             try:
                 output = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:
+                results.append(RunRecord.load(Path(output["output_dir"])))
+                start_what_fits()
+                if on_finished is not None:
+                    on_finished(results[-1], None if waiting else
+                                {k: v - in_use.get(k, 0) for k, v in capacity.items()})
+            except BaseException as error:
                 for other in pending:
                     ray.cancel(other)
-                if isinstance(e.cause, TrainingFailed):
-                    raise e.cause from None
+                if not isinstance(error, ray.exceptions.RayTaskError):
+                    raise
+                if isinstance(error.cause, TrainingFailed):
+                    raise error.cause from None
                 raise TrainingFailed(
-                    f"domain {name!r}: training failed after {cfg.cluster.max_failures} restart(s): {e.cause}"
+                    f"domain {name!r}: training failed after {cfg.cluster.max_failures} restart(s): {error.cause}"
                 ) from None
-            results.append(RunRecord.load(Path(output["output_dir"])))
     return sorted(results, key=lambda r: [d.name for d in domains].index(r.domain))

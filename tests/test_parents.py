@@ -9,7 +9,6 @@ and the gate refuses to evaluate it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
@@ -251,9 +250,10 @@ def test_publish_measures_production_and_answers_the_samples_on_one_model(ray_cl
     assert check["evidence"] == f"1 prompts, greedy, on cpu in a Ray task on node {driver_node} (section 9)"
 
     record = RunRecord.load(finished_run(tmp_path / "runs", adapter, "medical-c", 0.9, eval_sha256))
-    with contextlib.ExitStack() as folders:
-        staged = publish.stage(publish.Request(cfg, "medical", record.output_dir), folders, False, True)
-        [work] = publish.model_work_on_cluster([staged])
+    with publish.Publishing(new_version=True) as publishing:
+        publishing.add(publish.Request(cfg, "medical", record.output_dir))
+        [outcome] = publishing.finish()
+    work = outcome.model_work
     assert work.pid is not None and work.pid != os.getpid() and work.node_id == driver_node
     assert work.device == "cpu" and work.samples == [Sample.model_validate(s) for s in audit["samples"]]
 

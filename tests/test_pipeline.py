@@ -180,3 +180,33 @@ def test_production_trained_on_another_base_or_quantization_is_not_re_evaluated(
         "id": "org/other"}}), record, cfg)
     assert "quant.mode=none" in trained_elsewhere(production(**same | {"quant": {"mode": "none"}}), record, cfg)
     assert "does not record" in trained_elsewhere(production(), record, cfg)
+
+
+def test_finished_domains_model_work_runs_while_the_last_domain_trains(ray_cluster, tiny_config_file, tmp_path):
+    """Three domains of half the session cluster's CPUs each: two train at once and the third starts when one of
+    them ends. When the second ends, training leaves CPUs free for good, and the two finished runs' model work (one
+    task, one load of the base) runs then, while the third still trains; the third's follows its training. The
+    versions are written once all three have trained."""
+    from datetime import datetime
+
+    from lora.config import load_config
+    from pipelines.records import RESULT_FILE
+    from pipelines.run import run
+
+    cpus = ray_cluster.cluster_resources()["CPU"]
+    config = tiny_config_file(
+        domains=("medical", "legal", "support"), cluster={"cpus_per_worker": cpus / 2},
+        publish={"registry": f"file://{tmp_path / 'registry'}", "audit_prompts": 1, "audit_max_new_tokens": 4})
+    outcomes = run(load_config(config))
+
+    trained = {o.training.domain: (o.training.output_dir / RESULT_FILE).stat().st_mtime for o in outcomes}
+    works = {o.training.domain: o.outcome.model_work for o in outcomes}
+    last = max(trained, key=trained.get)
+    first = sorted(set(trained) - {last})
+    assert sorted((first[0], *works[first[0]].shared_with)) == first and works[last].shared_with == ()
+    assert works[first[0]].started_at < trained[last] <= works[last].started_at
+    registry = Registry(f"file://{tmp_path / 'registry'}")
+    for outcome in outcomes:
+        assert outcome.outcome.published.version == 1
+        created = datetime.fromisoformat(registry.manifest(outcome.training.domain, 1).created_at).timestamp()
+        assert created >= trained[last]
