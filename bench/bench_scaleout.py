@@ -11,16 +11,23 @@ checkpoint (bench/random_checkpoint.py) and a file:// registry, and records:
 
     python bench/bench_scaleout.py --tokenizer DIR [--shape smollm2-135m] [--steps 60] [--trials 3]
         [--out bench/results/scaleout.md] [key=value ...]
+
+On a node where loramill is on PYTHONPATH but not installed, publishing fails at the end
+(``importlib.metadata.version("loramill")``): give it a dist-info first, e.g.
+``mkdir -p /tmp/site/loramill-0.1.0.dist-info && printf 'Metadata-Version: 2.1\\nName: loramill\\nVersion: 0.1.0\\n'
+> /tmp/site/loramill-0.1.0.dist-info/METADATA`` with /tmp/site on PYTHONPATH. Run with CUDA_DEVICE_ORDER=PCI_BUS_ID.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -60,15 +67,12 @@ def main() -> None:
     gpus = torch.cuda.device_count() or 1  # 1: a CPU smoke run (cluster.use_gpu=false) counts as one device
 
     ensure_ray(cfg)
-    (work / "nvml.csv").touch()
-    sampler = subprocess.Popen(
-        ["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500"],
-        stdout=open(work / "nvml.csv", "w")) if torch.cuda.is_available() else None
+    sampler = NvmlSampler(work / "nvml.csv") if torch.cuda.is_available() else None
     started = time.time()
     outcomes = pipeline.run(cfg, sweep=True)
     makespan = time.time() - started
     if sampler:
-        sampler.terminate()
+        sampler.stop()
 
     trainings = trial_intervals(work / "runs") + [
         {"what": f"{o.training.domain} final", "end": (end := (o.training.output_dir / "result.json").stat().st_mtime),
@@ -81,7 +85,8 @@ def main() -> None:
         "",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- model: random-weight {args.shape}; 3 domains x ({args.trials} Tune trials + 1 final run), "
-        f"{args.steps} steps each, micro batch 8; overrides: {' '.join(overrides[1:])}",
+        f"{args.steps} steps each; micro_batch_size 8 counts only without a token budget (on a GPU "
+        f"train.batch_tokens, when unset, packs up to 16,384 tokens a step); overrides: {' '.join(overrides[1:])}",
         "",
         "| GPUs | makespan s | trainings | sum of train s | busy fraction | NVML utilisation per GPU | trainings at once (mean / max) |",
         "|---:|---:|---:|---:|---:|---|---|",
@@ -100,22 +105,55 @@ def main() -> None:
         args.out.write_text(table)
 
 
+class NvmlSampler:
+    """``nvidia-smi`` utilisation of the GPUs this process sees, one query every 0.5 s, in a thread.
+
+    One query per sample rather than ``nvidia-smi -lms``: a looping nvidia-smi writing to a file buffers its output,
+    and terminating it lost the buffered samples. nvidia-smi ignores CUDA_VISIBLE_DEVICES, so the visible GPUs are
+    passed with ``-i`` (nvidia-smi numbers them in PCI bus order: run with CUDA_DEVICE_ORDER=PCI_BUS_ID)."""
+
+    def __init__(self, out: Path, interval: float = 0.5) -> None:
+        self.out, self.interval, self.lines = out, interval, []
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+        self.command = ["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits",
+                        *(["-i", visible] if visible else [])]
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.done.is_set():
+            tick = time.monotonic()
+            query = subprocess.run(self.command, capture_output=True, text=True, check=False)
+            self.lines += query.stdout.splitlines()
+            self.done.wait(max(0.0, self.interval - (time.monotonic() - tick)))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+        self.out.write_text("\n".join(self.lines) + "\n")
+
+
 def trial_intervals(runs: Path) -> list[dict]:
     """Every Tune trial under ``runs``: when it ran (its own reports' clock) and its time in optimizer steps."""
     trials = []
-    for result_file in runs.glob("tune/*/*/result.json"):
+    for result_file in runs.glob("tune/**/result.json"):
         reports = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
         if not reports or "trial_seconds" not in reports[-1]:
             continue
         last = reports[-1]
-        trials.append({"what": last["trial_id"], "start": last["reported_at"] - last["trial_seconds"],
-                       "end": last["reported_at"], "train": last.get("train_seconds", 0.0)})
+        domain = result_file.parent.parent.name.rsplit("-", 1)[0]  # the experiment folder: <domain>-<hash>
+        trials.append({"what": f"{domain} trial {last['trial_id']}",
+                       "start": last["reported_at"] - last["trial_seconds"], "end": last["reported_at"],
+                       "train": last.get("train_seconds", 0.0)})
     return trials
 
 
 def nvml_utilisation(samples: Path) -> dict[int, float]:
     per_gpu: dict[int, list[float]] = {}
-    for line in samples.read_text().splitlines():
+    for line in samples.read_text().splitlines() if samples.exists() else []:
+        if line.count(",") != 1:
+            continue
         index, utilisation = (field.strip() for field in line.split(","))
         if utilisation.isdigit():
             per_gpu.setdefault(int(index), []).append(int(utilisation) / 100)
