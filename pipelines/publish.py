@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
@@ -814,7 +815,7 @@ def manifest_metadata(cfg: Config, record: RunRecord, audit: AuditRecord) -> Man
         checks=validation.checks,
         gate=validation.gate,
         run_name=record.run_name,
-        loramill_version=importlib.metadata.version("loramill"),
+        loramill_version=loramill_version(),
         git_commit=_git_commit(),
     )
 
@@ -822,6 +823,16 @@ def manifest_metadata(cfg: Config, record: RunRecord, audit: AuditRecord) -> Man
 def config_sha256(public_config: dict[str, Any]) -> str:
     """The published config's fingerprint, as the manifest records it."""
     return hashlib.sha256(json.dumps(public_config, sort_keys=True).encode()).hexdigest()
+
+
+def loramill_version() -> str:
+    """The installed loramill's version; from the source tree's pyproject.toml when it runs uninstalled (on
+    ``PYTHONPATH``, as on a node that only has the checkout), which the version then says."""
+    try:
+        return importlib.metadata.version("loramill")
+    except importlib.metadata.PackageNotFoundError:
+        project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+        return f"{project['version']} (source tree, not installed)"
 
 
 def _git_commit() -> str | None:

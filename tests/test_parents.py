@@ -33,7 +33,7 @@ from pipelines import publish
 from pipelines.cli import app
 from pipelines.records import RESULT_FILE, RunInfo, RunRecord, Sample
 from pipelines.run_folder import data_fingerprint
-from tests.conftest import DATA, save_random_lora
+from tests.conftest import DATA, REPO, save_random_lora
 from tests.s3_fixtures import MOTO_BUCKET, moto_options
 
 WEIGHTS = "adapter_model.safetensors"
@@ -323,3 +323,20 @@ def test_a_dora_audit_says_its_weight_change_leaves_out_the_magnitudes(tiny_mode
         assert (measures.startswith("the low-rank update B·A·α/r only: DoRA also rescales") if variant == "dora"
                 else measures == "ΔW = B·A·α/r")
         assert f"modules ({measures})" in audit["audit.md"]
+
+
+def test_an_uninstalled_source_tree_publishes_with_its_pyproject_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a node that has the checkout on PYTHONPATH but no installed loramill, publishing names the source tree's
+    version instead of failing after every domain trained."""
+    import importlib.metadata
+    import tomllib
+
+    installed = importlib.metadata.version("loramill")
+    assert publish.loramill_version() == installed
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    source = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert publish.loramill_version() == f"{source} (source tree, not installed)"
