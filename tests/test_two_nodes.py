@@ -64,13 +64,13 @@ def second_node(ray_cluster):
 
 def _stop_node(process: subprocess.Popen) -> None:
     """Stop `ray start --block` and the node's processes: SIGINT (it stops its raylet and workers itself), then, if it
-    has not finished within a minute, SIGKILL to all of them. On a loaded 2-core CI machine one such stop was still
-    running after 120 s."""
+    has not finished within 20 s, SIGKILL to all of them. On a loaded 2-core CI machine one such stop was still
+    running after 120 s, and another after 60 s (the SIGKILL then ended it)."""
     node = psutil.Process(process.pid)
     processes = [node, *node.children(recursive=True)]  # the raylet and its workers, listed while they are children
     process.send_signal(signal.SIGINT)
     try:
-        process.wait(timeout=60)
+        process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         for left in processes:
             with contextlib.suppress(psutil.NoSuchProcess):
