@@ -25,6 +25,11 @@ def fits(need: dict[str, float], in_use: dict[str, float], capacity: dict[str, f
     return all(in_use.get(k, 0) + v <= capacity.get(k, 0) + 1e-9 for k, v in need.items())
 
 
+def added(in_use: dict[str, float], need: dict[str, float]) -> dict[str, float]:
+    """``in_use`` with ``need`` reserved too."""
+    return {k: in_use.get(k, 0) + need.get(k, 0) for k in in_use.keys() | need.keys()}
+
+
 def node_offers() -> list[dict[str, float]]:
     """The resources of every alive node, and of every node type the autoscaler may still start.
 

@@ -51,7 +51,7 @@ from lora.redact import drop_storage_options, redact_url
 from lora.train import HISTORY_FILE
 from pipelines import audit as audit_docs
 from pipelines.audit import Parent
-from pipelines.cluster import check_fit, fits, worker_resources
+from pipelines.cluster import added, check_fit, fits, worker_resources
 from pipelines.gate import Candidate, Incumbent, decide, stored_incumbent
 from pipelines.records import (
     RESULT_FILE,
@@ -238,10 +238,6 @@ class Publishing:
         return [settle_again(entry.registry, entry.manifest, self.force) if isinstance(entry, PublishedBefore)
                 else complete(entry, works.get(n, ModelWork([], None)), self.force)
                 for n, entry in enumerate(self.entries)]
-
-
-def added(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    return {key: a.get(key, 0) + b.get(key, 0) for key in a.keys() | b.keys()}
 
 
 def stage(request: Request, folders: contextlib.ExitStack, new_version: bool) -> Staged | PublishedBefore:

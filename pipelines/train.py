@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pipelines.ray_session  # noqa: F401  (sets Ray's environment before ray is imported)
@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from lora.config import Config, Domain
 from lora.model import check_bitsandbytes, resolve_model_dir
-from pipelines.cluster import check_fit, domain_need, fits, storage, worker_resources
+from pipelines.cluster import added, check_fit, domain_need, fits, storage, worker_resources
 from pipelines.errors import TrainingFailed
 from pipelines.progress import Display, shown_here
 from pipelines.ray_session import ensure_ray, on_this_node
@@ -123,7 +123,7 @@ def run(cfg: Config, domain_names: list[str] | None = None, domain_configs: dict
                     configs[domain.name].model_dump(), domain.name, fingerprints[domain.name], started_at, display,
                     tracking)
                 pending[ref] = (domain.name, need)
-                in_use = {k: in_use.get(k, 0) + need.get(k, 0) for k in in_use.keys() | need.keys()}
+                in_use = added(in_use, need)
 
         start_what_fits()
         while pending:
