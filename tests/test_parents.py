@@ -268,8 +268,8 @@ def test_publish_measures_production_and_answers_the_samples_on_one_model(ray_cl
 
 def test_runs_published_together_share_one_task_and_nothing_is_published_when_one_fails(
         ray_cluster: Any, tiny_model_dir: Path, small_data: Path, tmp_path: Path) -> None:
-    """``publish.run_all``, as ``loramill run`` publishes its domains: one Ray task and one load of the base for the
-    runs' model work; each audit holds its own domain's prompts, answered as a publish of that run alone answers
+    """``publish.run_all``, runs published together (as ``loramill run`` publishes the domains that finish
+    together): one Ray task and one load of the base for the runs' model work; each audit holds its own domain's prompts, answered as a publish of that run alone answers
     them; and when one run's model work fails, no run is published."""
     adapters = {domain: save_random_lora(tiny_model_dir, tmp_path / f"adapter-{domain}", seed, r=4, lora_alpha=8,
                                          target_modules=["q_proj", "v_proj"])
