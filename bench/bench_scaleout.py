@@ -12,10 +12,7 @@ checkpoint (bench/random_checkpoint.py) and a file:// registry, and records:
     python bench/bench_scaleout.py --tokenizer DIR [--shape smollm2-135m] [--steps 60] [--trials 3]
         [--out bench/results/scaleout.md] [key=value ...]
 
-On a node where loramill is on PYTHONPATH but not installed, publishing fails at the end
-(``importlib.metadata.version("loramill")``): give it a dist-info first, e.g.
-``mkdir -p /tmp/site/loramill-0.1.0.dist-info && printf 'Metadata-Version: 2.1\\nName: loramill\\nVersion: 0.1.0\\n'
-> /tmp/site/loramill-0.1.0.dist-info/METADATA`` with /tmp/site on PYTHONPATH. Run with CUDA_DEVICE_ORDER=PCI_BUS_ID.
+Run with CUDA_DEVICE_ORDER=PCI_BUS_ID (the NVML sampler picks the visible GPUs by their PCI order).
 """
 
 from __future__ import annotations

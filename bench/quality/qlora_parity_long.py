@@ -264,7 +264,7 @@ def pair_section(dtype: str, pair: dict) -> list[str]:
         end = relative_gap(qlora, lora, last)
         lines.append(f"| {name} | {lora['base_eval_loss']:.4f} | {qlora['base_eval_loss']:.4f} | {last} | "
                      f"{lora['eval_curve'][str(last)]:.4f} | {qlora['eval_curve'][str(last)]:.4f} | "
-                     f"{qlora['eval_curve'][str(last)] - lora['eval_curve'][str(last)]:+.4f} | "
+                     f"{absolute_gap(qlora, lora, last):+.4f} | "
                      + " | ".join(percent(relative_gap(qlora, lora, s)) for s in GAP_STEPS)
                      + f" | {'yes' if abs(end) <= PARITY else 'no'} |")
     lines += ["", "Relative gap, (QLoRA − LoRA) / LoRA eval loss, at every evaluation both runs reached:", "",
