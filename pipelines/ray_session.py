@@ -48,8 +48,14 @@ def _init_ray(cfg: Config) -> None:
     # The dashboard (~1 GiB) serves the state API that Ray Train's placement-group cleaner polls; without it
     # the cleaner logs a warning every second. None: started when its packages (ray[default]) are installed, as
     # they are by `pip install loramill`; minimal Ray installs (some GPU images) still run.
+    # Each Ray Train run starts about six processes (its controller, worker and helper actors), most reserving no
+    # CPU. Ray starts at most one a CPU at a time and, from four times that many live ones, prints "N PYTHON worker
+    # processes have been started" warnings into the run's output: on two cores, three domains at once reach it.
+    # Starting up to eight at a time moves that point to 32 processes, about five runs at once.
+    cpus = os.cpu_count() or 1
     ray.init(
-        num_cpus=os.cpu_count(),
+        num_cpus=cpus,
+        _system_config={"worker_maximum_startup_concurrency": max(cpus, 8)},
         include_dashboard=None,
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",

@@ -50,3 +50,29 @@ print("connected", ray.is_initialized())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "connected True" in result.stdout, result.stderr[-3000:]
+
+
+def test_many_processes_that_reserve_no_cpu_bring_no_worker_pool_warning(ray_cluster, capfd):
+    """Three domains at once on two cores start about 20 Ray processes (Ray Train's controller, worker and helper
+    actors reserve no CPU). The local cluster loramill starts lets eight start at a time, so the raylet's "N PYTHON
+    worker processes have been started" warning (from four times that many) stays out of the run's output."""
+    import time
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def pid(self) -> int:
+            import os
+
+            return os.getpid()
+
+    actors = [Idle.remote() for _ in range(22)]
+    try:
+        assert len(set(ray.get([a.pid.remote() for a in actors]))) == 22
+        time.sleep(3)  # the driver prints the raylet's messages from a thread of its own
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    captured = capfd.readouterr()  # Ray prints the raylet's messages to stdout
+    assert "worker processes have been started" not in captured.out + captured.err
