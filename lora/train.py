@@ -68,6 +68,8 @@ class TrainState:
     resumed_from_step: list[int] = field(default_factory=list)
     """The step each restart continued from (one entry per resume from a checkpoint): the steps redone after a
     failure are the ones between that step and where the failed attempt was."""
+    base_eval: str = "measured in this run"
+    """Where ``base_eval_loss`` comes from: this run, or an identical earlier measurement (``lora.base_eval``)."""
 
 
 @dataclass(frozen=True)
@@ -383,11 +385,12 @@ def train(
     pad_id: int,
     device: torch.device,
     progress: Callable[[int], None] = lambda steps_done: None,
+    base_metrics: dict[str, float] | None = None,
 ) -> TrainState:
     """Run optimizer steps from ``state`` to the end, evaluating and checkpointing at the configured intervals.
 
     ``model`` may be DDP-wrapped or FSDP-sharded; the base-model metrics are measured once (adapter disabled) before
-    step 1. Evaluation runs on the unwrapped model: it needs none of DDP's collectives (DDP's first forward after a
+    step 1, unless ``base_metrics`` gives them (measured before on the same base, examples and settings). Evaluation runs on the unwrapped model: it needs none of DDP's collectives (DDP's first forward after a
     synced step broadcasts buffers), only ``evaluate``'s own all-reduce of its sums (a sharded model is its own
     unwrapped model: its forwards gather the weights).
     """
@@ -395,8 +398,10 @@ def train(
     batching = Batching.of(cfg)
     peft_model = getattr(model, "module", model)
     if state.base_eval_loss is None:
-        with base_model_view(peft_model):
-            base = {"step": 0} | evaluate(peft_model, shard.eval, cfg.micro_batch_size, pad_id, device, batching)
+        if base_metrics is None:
+            with base_model_view(peft_model):
+                base_metrics = evaluate(peft_model, shard.eval, cfg.micro_batch_size, pad_id, device, batching)
+        base = {"step": 0} | base_metrics
         state.base_eval_loss = base["eval_loss"]
         state.history.append(base)
         report(base, state, False)

@@ -154,6 +154,7 @@ def build_audit(
                 delta_vs_parent=None if parent_loss is None else eval_loss - parent_loss,
                 eval_accuracy=run.eval_accuracy,
                 base_eval_accuracy=run.base_eval_accuracy,
+                base_measured=info.base_eval,
             ),
             checks=checks,
             gate=gate,
@@ -299,6 +300,8 @@ def render_markdown(audit: AuditRecord, version: int) -> str:
         f"Evaluated {val.evaluated_at} on {val.eval_examples} held-out examples (eval set `{val.eval_set[:16]}…`).",
         "",
         *_metrics_table(audit),
+        "",
+        f"Base metrics: {val.metrics.base_measured}.",
     ]
     gate = val.gate
     lines += ["", "Checks:", *[f"- {c.name}: **{c.status}** — {c.evidence}" for c in val.checks], "",

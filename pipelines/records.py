@@ -104,6 +104,9 @@ class RunInfo(Record):
     """The checks the worker ran while loading data and building the trainable model."""
     resumed_from_step: list[int]
     """The step each start of this run continued from: empty for a run that trained every step itself."""
+    base_eval: str = "measured in this run"
+    """Where the base's held-out metrics come from: this run, or an identical earlier measurement (same base weights,
+    eval examples and settings; ``lora.base_eval``)."""
 
 
 class RunRecord(Record):
@@ -345,6 +348,8 @@ class ValidationMetrics(Record):
     delta_vs_parent: float | None
     eval_accuracy: float | None = None
     base_eval_accuracy: float | None = None
+    base_measured: str = "measured in this run"
+    """Where the base's metrics come from (``RunInfo.base_eval``)."""
 
 
 class Validation(Record):

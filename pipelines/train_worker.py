@@ -21,6 +21,7 @@ import ray.train
 import torch
 from ray.train import Checkpoint
 
+from lora.base_eval import measurement_key, remember, reused
 from lora.config import Config, Domain
 from lora.data import load_examples, load_labelled_examples
 from lora.fast import use_fused_kernels
@@ -124,6 +125,18 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
         with checkpoint.as_directory() as directory:
             state = load_training_state(Path(directory), model, optimizer, scheduler)
         state.resumed_from_step.append(state.step)
+    # A one-worker causal LM run reuses an identical earlier measurement of the base (its Tune trials, a retraining
+    # on unchanged eval data); with several workers each evaluates its share and all must take the same path.
+    reuse_key, base_metrics = None, None
+    if state.base_eval_loss is None and world_size == 1 and chat and (weights := weights_sha256(model_dir)):
+        reuse_key = measurement_key({
+            "weights_sha256": weights, "quant": cfg.quant.model_dump(), "compute_dtype": str(backend.compute_dtype),
+            "device": backend.device.type, "kernels": kernels, "lora_init": cfg.lora.init, "method": cfg.lora.method,
+            "batching": batching.describe(),
+            "threads": torch.get_num_threads() if backend.device.type == "cpu" else None,  # sums in another order
+        }, shard.eval)
+        if kept := reused(reuse_key):
+            base_metrics, state.base_eval = kept.metrics, kept.provenance()
     if world_size > 1 and not sharded:
         device_ids = [backend.device.index] if backend.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -155,9 +168,12 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
                  "tokens padding",
         checks=[data_check(data), trainable_check(cfg, trainable)],
         resumed_from_step=state.resumed_from_step,
+        base_eval=state.base_eval,
     )
 
     def report(metrics: dict[str, float], state: TrainState, save: bool) -> None:
+        if metrics["step"] == 0 and reuse_key and base_metrics is None:  # the base, measured in this run
+            remember(reuse_key, {k: v for k, v in metrics.items() if k != "step"})
         if tracker:
             tracker.write(state.history)
         if progress and "eval_loss" in metrics:
@@ -179,6 +195,7 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
         train(
             model, optimizer, scheduler, shard, cfg.train, state, report, pad_id=tokenizer.pad_token_id,
             device=backend.device, progress=lambda step: progress and progress.stepped(state.history),
+            base_metrics=base_metrics,
         )
     finally:  # also when Tune stops the trial: its report() raises SystemExit in this thread
         _give_back_base_model(base_key, model)

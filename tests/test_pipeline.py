@@ -92,6 +92,9 @@ def test_run_publishes_audited_versions_that_pull_and_load(ray_cluster, tiny_con
     history = registry.alias("support", "production").history
     assert [h["to"] for h in history] == ([1, 2] if gate["decision"] == "promoted" else [1])
     assert "## 8. Change log (6)" in (v2 / "audit.md").read_text()
+    # Its eval data did not change: v2's run took the base's metrics from v1's run's measurement, and says so.
+    assert "Base metrics: reused: measured at " in (v2 / "audit.md").read_text()
+    assert audit2["validation"]["metrics"]["base_eval_loss"] == audit["validation"]["metrics"]["base_eval_loss"]
 
     # New eval data at the same URL: production's adapter is evaluated on it in the same publish (with the new
     # adapter and the base), and the gate decides on that pair; both numbers and the eval set are recorded.
@@ -112,6 +115,7 @@ def test_run_publishes_audited_versions_that_pull_and_load(ray_cluster, tiny_con
     audit3 = registry.pull("support", "v3", tmp_path / "v3")
     assert json.loads((audit3 / "audit.json").read_text())["validation"]["gate"] == gate3.model_dump(mode="json")
     assert f"{gate3.current_eval_loss:.4f} (production v{production})" in (audit3 / "audit.md").read_text()
+    assert "Base metrics: measured in this run." in (audit3 / "audit.md").read_text()  # new eval examples
 
 
 def test_run_with_tune_trains_the_best_trial_and_audits_the_search(ray_cluster, tiny_config_file, s3_store,

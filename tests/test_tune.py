@@ -109,6 +109,54 @@ def test_a_run_on_a_given_back_base_model_reproduces_a_fresh_one(tiny_config_fil
     assert again == first  # losses, lr, perplexity: bit for bit
 
 
+def test_a_run_reuses_an_identical_measurement_of_the_base_and_says_so(tiny_config_file, tmp_path, monkeypatch):
+    """train_domain in this process, no Ray. A second run on the same base and eval examples (in a new process: the
+    in-process copy is dropped) takes the base's metrics from the first run's measurement under the model cache
+    instead of evaluating the base again, and its run_info and audit say so; other eval examples are measured."""
+    import json
+
+    import lora.base_eval
+    import lora.train
+    from pipelines.records import RUN_INFO_FILE, RunInfo
+
+    monkeypatch.setenv("LORAMILL_CACHE", str(tmp_path / "cache"))
+    evaluations = []
+    evaluate = lora.train.evaluate
+    monkeypatch.setattr(lora.train, "evaluate", lambda *a, **k: evaluations.append(1) or evaluate(*a, **k))
+
+    def run(c) -> tuple[list[dict], RunInfo, int]:
+        reports, infos = [], []
+        lora.base_eval._kept.clear()  # as in a new process
+
+        def report(metrics, checkpoint=None):
+            reports.append(metrics)
+            if checkpoint is not None:
+                infos.append(RunInfo.model_validate_json((Path(checkpoint.path) / RUN_INFO_FILE).read_text()))
+
+        evaluations.clear()
+        session = train_worker.WorkerSession(0, 1, 0, lambda: None, report)
+        train_worker.train_domain(c, c.domain("medical"), session)
+        return reports, infos[-1], len(evaluations)
+
+    cfg = load_config(tiny_config_file())
+    threads = torch.get_num_threads()
+    try:
+        first, first_info, first_evaluations = run(cfg)
+        second, second_info, second_evaluations = run(cfg)
+        other, other_info, _ = run(load_config(tiny_config_file(train={"max_eval_examples": 1})))
+    finally:
+        torch.set_num_threads(threads)  # train_domain sets one thread per cpus_per_worker
+        train_worker._idle_base_models.clear()
+    kept = [json.loads(f.read_text()) for f in (tmp_path / "cache" / "base-evals").iterdir()]
+    assert len(kept) == 2  # first's measurement and other's, each written whole
+    assert first_info.base_eval == other_info.base_eval == "measured in this run"
+    assert second_info.base_eval.startswith("reused: measured at ")
+    assert second[0] == first[0] and second[0]["step"] == 0  # the base's metrics, bit for bit
+    assert second_evaluations == first_evaluations - 1  # the base was not evaluated again
+    assert other[0]["eval_loss"] != first[0]["eval_loss"]
+    assert {k: v for k, v in first[0].items() if k != "step"} in [k["metrics"] for k in kept]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
