@@ -390,9 +390,10 @@ def train(
     """Run optimizer steps from ``state`` to the end, evaluating and checkpointing at the configured intervals.
 
     ``model`` may be DDP-wrapped or FSDP-sharded; the base-model metrics are measured once (adapter disabled) before
-    step 1, unless ``base_metrics`` gives them (measured before on the same base, examples and settings). Evaluation runs on the unwrapped model: it needs none of DDP's collectives (DDP's first forward after a
-    synced step broadcasts buffers), only ``evaluate``'s own all-reduce of its sums (a sharded model is its own
-    unwrapped model: its forwards gather the weights).
+    step 1, unless ``base_metrics`` gives them (measured before on the same base, examples and settings).
+    Evaluation runs on the unwrapped model: it needs none of DDP's collectives (DDP's first forward after a synced
+    step broadcasts buffers), only ``evaluate``'s own all-reduce of its sums (a sharded model is its own unwrapped
+    model: its forwards gather the weights).
     """
     steps = total_steps(shard, cfg)
     batching = Batching.of(cfg)
