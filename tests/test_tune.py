@@ -112,7 +112,8 @@ def test_a_run_on_a_given_back_base_model_reproduces_a_fresh_one(tiny_config_fil
 def test_a_run_reuses_an_identical_measurement_of_the_base_and_says_so(tiny_config_file, tmp_path, monkeypatch):
     """train_domain in this process, no Ray. A second run on the same base and eval examples (in a new process: the
     in-process copy is dropped) takes the base's metrics from the first run's measurement under the model cache
-    instead of evaluating the base again, and its run_info and audit say so; other eval examples are measured."""
+    instead of evaluating the base again, and its run_info says so (the audit: test_pipeline); other eval examples
+    are measured."""
     import json
 
     import lora.base_eval
