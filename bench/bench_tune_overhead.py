@@ -69,12 +69,17 @@ def trial_row(result_file: Path) -> dict:
 
     Between two reports the loop runs optimizer steps (counted in train_seconds) and then, for an eval report,
     one evaluation; so at each eval report (trial_seconds - train_seconds) grows by one evaluation. The first
-    report (step 0) comes after setup and the base model's evaluation, taken to cost the later ones' median.
+    report (step 0) comes after setup and, unless the trial reused an earlier measurement of the base
+    (``base_eval`` in its run_info.json, ``lora/base_eval.py``), the base model's evaluation, taken to cost the
+    later ones' median.
     """
     reports = [json.loads(line) for line in result_file.read_text().splitlines()]
     not_training = [r["trial_seconds"] - r.get("train_seconds", 0.0) for r in reports]  # step 0 has none
     per_eval = [b - a for a, b, r in zip(not_training, not_training[1:], reports[1:]) if "eval_loss" in r]
+    infos = sorted(result_file.parent.glob("checkpoint_*/run_info.json"))
+    base_reused = bool(infos) and json.loads(infos[-1].read_text()).get("base_eval", "").startswith("reused")
     one_eval = statistics.median(per_eval) if per_eval else 0.0
+    base_eval = 0.0 if base_reused else one_eval
     last = reports[-1]
     return {
         "trial": last["trial_id"],
@@ -84,9 +89,9 @@ def trial_row(result_file: Path) -> dict:
         "steps": last["step"],
         "train": last.get("train_seconds", 0.0),
         "in_trial": last["trial_seconds"],
-        "evals": 1 + len(per_eval),
-        "eval": one_eval * (1 + len(per_eval)),
-        "setup": not_training[0] - one_eval,
+        "evals": len(per_eval) + (not base_reused),
+        "eval": one_eval * len(per_eval) + base_eval,
+        "setup": not_training[0] - base_eval,
     }
 
 

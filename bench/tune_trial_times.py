@@ -1,9 +1,8 @@
 """Where a Tune trial's seconds go, from the files a sweep wrote: no assumption about the base's evaluation.
 
-``bench_tune_overhead.py`` charges every trial one base evaluation at the median cost of its later ones; when the
-base's metrics are reused (``lora/base_eval.py``) that evaluation did not run, so its split into setup and
-evaluations shifts by one evaluation (their sum stays right). This reads the same ``result.json`` reports, plus each
-trial's ``run_info.json`` (``base_eval``: measured or reused), and prints per trial, in seconds:
+``bench_tune_overhead.py`` splits a trial's step 0 into setup and a base evaluation priced at the median of the
+later ones (none when run_info.json says the base's metrics were reused, ``lora/base_eval.py``). This reads the same
+``result.json`` reports and each trial's ``run_info.json`` without pricing anything, and prints per trial, in seconds:
 
     to step 0   start of ``train_domain`` -> the step-0 report (setup, plus the base evaluation when measured)
     evals       the later evaluations (growth of trial_seconds - train_seconds between eval reports)
