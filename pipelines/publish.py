@@ -195,8 +195,12 @@ class Publishing:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for task in self.tasks:  # a publish that failed leaves no model work behind (finished tasks ignore it)
-            ray.cancel(task.ref)
+        # A publish that failed leaves no model work behind: it waits for the tasks still running (their results
+        # are dropped) instead of cancelling them. Ray 2.60 aborts the driver when a cancel races the reply of a
+        # task that is finishing ("Check failed: it != submissible_tasks_.end()" in TaskManager::CompletePendingTask),
+        # as it did in CI when the task whose error `ray.get` had just raised was cancelled.
+        if self.tasks:
+            ray.wait([task.ref for task in self.tasks], num_returns=len(self.tasks))
         self.folders.close()
 
     def add(self, request: Request, spare: dict[str, float] | None = None) -> None:
