@@ -1,8 +1,8 @@
 """``train.strategy: fsdp`` on the real local Ray (2 CPU workers, gloo): FSDP2 shards the base across the workers.
 
-Against a DDP run of the same config: the same losses and the same adapter, written in the same form. Against an
-uninterrupted FSDP run: a worker SIGKILLed after a checkpoint restarts the run from it (gathered LoRA tensors and
-optimizer state) and ends with the same adapter. Config rules need no Ray.
+An FSDP run with a worker SIGKILLed after a checkpoint restarts from it (gathered LoRA tensors and optimizer state)
+and ends as a DDP run of the same config does: the same losses step by step and the same adapter, written in the
+same form. The DDP run's first evaluation is the one-worker evaluation. Config rules need no Ray.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from lora.config import ConfigError, load_config
 from pipelines.cli import app
 from tests.conftest import read_json
-from tests.test_reliability import WorkerKiller
+from tests.test_reliability import WorkerKiller, uninterrupted_reports
 
 runner = CliRunner()
 
@@ -54,13 +54,25 @@ def _run_dir(config: Path) -> Path:
     return Path(cfg.cluster.storage_url) / run_name(cfg, cfg.domains[0], data_fingerprint(cfg.domains[0]))
 
 
-def test_fsdp_matches_ddp_and_resumes_after_a_worker_is_killed(ray_cluster, tiny_config_file, tmp_path):
+def test_fsdp_resumed_after_a_worker_is_killed_matches_ddp(ray_cluster, tiny_config_file, tmp_path):
     ddp = _train(_config(tiny_config_file, tmp_path, "ddp", "ddp"))
-    fsdp = _train(_config(tiny_config_file, tmp_path, "fsdp", "fsdp"))
+
+    # One worker SIGKILLed once the checkpoint at step 4 is registered: Ray Train restarts both, they load their
+    # shards of the gathered LoRA tensors and optimizer state, and finish as an uninterrupted run would.
+    config = _config(tiny_config_file, tmp_path, "fsdp", "fsdp")
+    run_dir = _run_dir(config)
+    killer = WorkerKiller(run_dir, after_step=EVERY)
+    killer.start()
+    fsdp = _train(config)
+    killer.join(timeout=5)
+    assert killer.error is None and killer.killed_pid is not None, killer.error
+    assert killer.registered_at_kill == EVERY
+    [final] = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and read_json(p / "history.json")[-1]["step"] == STEPS]
+    assert torch.load(final / "trainer_state.pt", weights_only=True)["state"]["resumed_from_step"] == [EVERY]
 
     # The same losses, step by step: the same micro batches, their gradients averaged over the ranks either way.
     ddp_history, fsdp_history = read_json(ddp / "history.json"), read_json(fsdp / "history.json")
-    assert [h["step"] for h in fsdp_history] == list(range(STEPS + 1))
+    assert [h["step"] for h in fsdp_history] == list(range(STEPS + 1))  # every step once: none lost, none doubled
     assert [h["step"] for h in fsdp_history if "eval_loss" in h] == [0, EVERY, STEPS]
     for key in ("train_loss", "eval_loss"):
         ddp_losses = [h.get(key) for h in ddp_history]
@@ -87,23 +99,11 @@ def test_fsdp_matches_ddp_and_resumes_after_a_worker_is_killed(ray_cluster, tiny
         torch.testing.assert_close(fsdp_weights[name], tensor, rtol=1e-4, atol=1e-6)
     assert read_json(fsdp / "run_info.json")["hardware"]["workers"] == 2
 
-    # The same FSDP run, one worker SIGKILLed once the checkpoint at step 4 is registered: Ray Train restarts both,
-    # they load their shards of the gathered LoRA tensors and optimizer state, and finish as the uninterrupted run.
-    config = _config(tiny_config_file, tmp_path, "killed", "fsdp")
-    run_dir = _run_dir(config)
-    killer = WorkerKiller(run_dir, after_step=EVERY)
-    killer.start()
-    killed = _train(config)
-    killer.join(timeout=5)
-    assert killer.error is None and killer.killed_pid is not None, killer.error
-    assert killer.registered_at_kill == EVERY
-    [final] = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and read_json(p / "history.json")[-1]["step"] == STEPS]
-    assert torch.load(final / "trainer_state.pt", weights_only=True)["state"]["resumed_from_step"] == [EVERY]
-    assert [h["step"] for h in read_json(killed / "history.json")] == list(range(STEPS + 1))
-    resumed_weights = load_file(killed / "adapter/adapter_model.safetensors")
-    assert sorted(resumed_weights) == sorted(fsdp_weights)
-    for name, tensor in fsdp_weights.items():
-        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-7)
+    # max_eval_examples caps the held-out set before the ranks split it (5 examples: 3 + 2 on two workers), so the
+    # base's eval loss is the one a single worker measures on all 5.
+    one_worker = uninterrupted_reports(_config(tiny_config_file, tmp_path, "ddp", "ddp"))
+    [one_worker_base] = [r["eval_loss"] for r in one_worker if r["step"] == 0]
+    assert ddp_history[0]["eval_loss"] == pytest.approx(one_worker_base, rel=1e-5)
 
 
 @pytest.mark.parametrize(

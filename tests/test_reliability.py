@@ -119,8 +119,9 @@ class WorkerKiller(threading.Thread):
         self.error = f"no registered checkpoint at step >= {self.after_step} within {self.timeout_s} s"
 
 
-def _uninterrupted_eval_loss(config: Path) -> float:
-    """The same config trained by the same worker code without Ray and without a fault: its final eval loss."""
+def uninterrupted_reports(config: Path) -> list[dict]:
+    """The metrics one worker reports for the config's first domain, trained by the same worker code in this
+    process: without Ray, without a fault."""
     from pipelines.train_worker import WorkerSession, train_domain
 
     cfg = load_config(config)
@@ -131,7 +132,7 @@ def _uninterrupted_eval_loss(config: Path) -> float:
         train_domain(cfg, cfg.domains[0], session)
     finally:
         torch.set_num_threads(threads)
-    return [r for r in reports if "eval_loss" in r][-1]["eval_loss"]
+    return reports
 
 
 def test_worker_killed_mid_training_resumes_from_the_latest_checkpoint(ray_cluster, tiny_config_file):
@@ -172,7 +173,7 @@ def test_worker_killed_mid_training_resumes_from_the_latest_checkpoint(ray_clust
     assert state["resumed_from_step"] == [resumed_at]
     assert state["step"] == steps
 
-    reference = _uninterrupted_eval_loss(config)
+    reference = [r for r in uninterrupted_reports(config) if "eval_loss" in r][-1]["eval_loss"]
     assert facts["eval_loss"] == pytest.approx(reference, rel=1e-3, abs=1e-3)
     assert facts["eval_loss"] < facts["base_eval_loss"]
 

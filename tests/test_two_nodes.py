@@ -1,6 +1,7 @@
 """Multi-node, in simulation on one machine: a second raylet with a resource of its own joins the session's Ray
 cluster. A domain that asks for that resource (``domains[].resources_per_worker``) trains on that node, the other on
-the head, and both checkpoint to shared storage: an ``s3://`` prefix on the session's SeaweedFS."""
+either, and both checkpoint to shared storage: an ``s3://`` prefix on the session's SeaweedFS. A domain asking for a
+resource no node has is refused before anything starts, with what each node offers."""
 
 import contextlib
 import json
@@ -17,6 +18,8 @@ import pytest
 import yaml
 from ray._common.utils import get_ray_address_file  # where `ray start` records it (no public API)
 
+from lora.config import ConfigError, load_config
+from pipelines.cluster import check_fit
 from tests.conftest import read_json
 from tests.test_train_ray import invoke
 
@@ -105,3 +108,10 @@ def test_domains_land_where_the_config_says_and_checkpoint_to_shared_storage(sec
         checkpoints = [p for p in fs.ls(run) if Path(p).name.startswith("checkpoint_") and fs.isdir(p)]
         assert checkpoints, f"no checkpoint of {domain} in {storage}"
         assert fs.exists(f"{sorted(checkpoints)[-1]}/adapter/adapter_model.safetensors")
+
+    unfit = load_config(config, ["domains.1.resources_per_worker={gpu_h100: 1}"])
+    with pytest.raises(ConfigError) as refused:
+        check_fit(unfit, unfit.domains)
+    assert ("domains.1 (support): needs {CPU: 1, gpu_h100: 1} per worker; no node has that; nodes offer: "
+            f"{{CPU: 1, {NODE_RESOURCE}: 1}}, {{CPU: 2}}") in str(refused.value)
+    assert "legal" not in str(refused.value)
