@@ -36,23 +36,26 @@ class ProgressLine(Record):
 
     time: str
     """UTC, ISO 8601, to the second."""
-    event: Literal["eval", "progress"]
-    """``eval`` at each evaluation (step 0 is the base model's), ``progress`` every ``--progress-every`` seconds."""
+    event: Literal["start", "eval", "progress"]
+    """``start`` once the run's base is loaded and it begins (or resumes) at ``step``, ``eval`` at each evaluation
+    (step 0 is the base model's), ``progress`` every ``--progress-every`` seconds."""
     domain: str
     trial: str | None
     """The Tune trial (``loramill tune``); None for a training run."""
     step: int
     total_steps: int
-    train_loss: float | None
+    train_loss: float | None = None
     """Mean training loss of the steps since the run's previous line; None when there were none (step 0)."""
-    eval_loss: float | None
-    tokens_per_second: float | None
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
     """Real (non-padding) tokens per second in optimizer steps, all workers together."""
-    eta_seconds: float | None
+    eta_seconds: float | None = None
     """Wall time left at the pace since the run (re)started, evaluations included; None before its first step."""
 
     def text(self) -> str:
         parts = [self.time[:19].replace("T", " "), self.trial or self.domain, f"step {self.step}/{self.total_steps}"]
+        if self.event == "start":
+            parts.append("started" if self.step == 0 else "resumed")
         if self.train_loss is not None:
             parts.append(f"train_loss {self.train_loss:.4f}")
         if self.eval_loss is not None:
@@ -169,6 +172,8 @@ class RunProgress:
 
             self.bar = tqdm(total=total_steps, desc=f"{display.trial or domain} train")
             self.bar.update(done_steps)  # ray's tqdm takes no `initial`
+        else:  # the bar's appearance, as a line: before it, workers start and load the base (a minute on a CPU)
+            self._put("start", done_steps)
 
     def stepped(self, history: list[dict[str, float]]) -> None:
         """After each optimizer step. ``history`` holds the metrics of every step before it (``lora.train.train``
@@ -195,12 +200,12 @@ class RunProgress:
             return
         losses = [h["train_loss"] for h in since_last if "train_loss" in h]
         pace = (time.monotonic() - self.started) / (step - self.started_step) if step > self.started_step else None
-        self.display.inbox.put(ProgressLine(
-            time=_now(), event=event, domain=self.domain, trial=self.display.trial, step=step,
-            total_steps=self.total_steps,
-            train_loss=statistics.fmean(losses) if losses else None,
-            eval_loss=latest["eval_loss"] if event == "eval" else None,
-            tokens_per_second=latest.get("tokens_per_second"),
-            eta_seconds=None if pace is None else pace * (self.total_steps - step),
-        ))
+        self._put(event, step, train_loss=statistics.fmean(losses) if losses else None,
+                  eval_loss=latest["eval_loss"] if event == "eval" else None,
+                  tokens_per_second=latest.get("tokens_per_second"),
+                  eta_seconds=None if pace is None else pace * (self.total_steps - step))
         self.last_line_at, self.last_line_step = time.monotonic(), step
+
+    def _put(self, event: Literal["start", "eval", "progress"], step: int, **metrics: float | None) -> None:
+        self.display.inbox.put(ProgressLine(time=_now(), event=event, domain=self.domain, trial=self.display.trial,
+                                            step=step, total_steps=self.total_steps, **metrics))

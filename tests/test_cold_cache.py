@@ -60,6 +60,8 @@ def test_first_run_on_a_cold_cache_is_clean(ray_cluster, tmp_path):
         steps = [(int(m[2]), bool(m[4])) for m in lines if m[1] == name]
         # The base model evaluated, a line after step 1 (every step, with --progress-every 0), then the evaluation.
         assert steps == [(0, True), (1, False), (2, True)], output[-5000:]
+        # Before the base's evaluation, a line says the run has its model and starts (minutes after the command).
+        assert output.index(f" {name} step 0/2 started\n") < output.index(f" {name} step 0/2 eval_loss"), output
         assert all(m[3] and m[5] and m[6] for m in lines if m[1] == name and int(m[2]) > 0)
         assert f"{name} batching: padded: 2 examples a micro batch" in output  # under the table, as plain text
     assert "loramill train" in output and "adapter eval loss" in output
