@@ -29,7 +29,7 @@ from random_checkpoint import make_checkpoint  # noqa: E402
 
 from lora.config import LoraSettings, ModelSource, Quantization, Training  # noqa: E402
 from lora.data import load_examples  # noqa: E402
-from lora.fast import use_fused_kernels  # noqa: E402
+from lora.fast import compile_decoder_layers, use_fused_kernels  # noqa: E402
 from lora.model import dispatch_backend, load_base_model, load_tokenizer, prepare_trainable  # noqa: E402
 import lora.train  # noqa: E402
 from lora.train import Batching, Shard, TrainState, build_optimizer, train  # noqa: E402
@@ -58,7 +58,7 @@ def long_conversations(source: Path, target: Path, per_conversation: int = 14) -
     return target
 
 
-def run_row(base, backend, examples, batching: str, size: int, steps: int) -> dict:
+def run_row(base, backend, examples, batching: str, size: int, steps: int, compile_blocks: bool) -> dict:
     torch.cuda.reset_peak_memory_stats()
     budget = {"micro_batch_size": size} if batching == "padded" else {"batch_tokens": size}
     cfg = Training(max_steps=WARMUP + steps, learning_rate=1e-4, lr_schedule="constant", max_seq_len=2048,
@@ -66,6 +66,8 @@ def run_row(base, backend, examples, batching: str, size: int, steps: int) -> di
                    group_by_length=True, **budget)
     lora = LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
     model = prepare_trainable(base, lora, cfg.gradient_checkpointing, backend.four_bit)
+    if compile_blocks:
+        compile_decoder_layers(model, backend)
     shard = Shard(examples, examples[:1], rank=0, world_size=1)
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
     state = TrainState()
@@ -102,6 +104,8 @@ def main() -> None:
     parser.add_argument("--attention", default=None, help="attn_implementation to switch the base to (e.g. "
                         "flex_attention); default: what loramill loads")
     parser.add_argument("--row-tokens", type=int, default=None, help="packed row length (lora.train.PACKED_ROW_TOKENS)")
+    parser.add_argument("--compile", action="store_true", help="compile each block, as train.compile_blocks does "
+                        "(Liger then keeps only its fused loss)")
     parser.add_argument("--out", type=Path, default=None, help="JSON lines to write")
     args = parser.parse_args()
     if args.row_tokens:
@@ -117,14 +121,15 @@ def main() -> None:
         quantization = Quantization(mode="nf4")
         backend = dispatch_backend(quantization, use_gpu=True)
         base = load_base_model(path, ModelSource(id=str(path)), quantization, backend)
-        kernels = use_fused_kernels(base, backend)
+        kernels = use_fused_kernels(base, backend, block_kernels=not args.compile)
+        kernels += "; torch.compile of each block" if args.compile else ""
         if args.attention:
             base.set_attn_implementation(args.attention)
         attention = base.config._attn_implementation
         rows_here = [(d, b, int(n)) for d, b, n in (r.split(":") for r in args.rows)] if args.rows else ROWS[shape]
         for data, batching, size in rows_here:
             try:
-                row = run_row(base, backend, examples[data], batching, size, args.steps)
+                row = run_row(base, backend, examples[data], batching, size, args.steps, args.compile)
             except Exception as e:  # one failing row (out of memory) must not lose the others
                 row = dict(batching=batching, size=size, error=f"{type(e).__name__}: {e}"[:300])
                 gc.collect()

@@ -5,7 +5,7 @@ functions a Ray Train worker of `loramill train` runs (dispatch_backend, load_ba
 prepare_trainable, build_optimizer, lora.train.train), on the same shapes: random-weight Llama checkpoints
 (bench/random_checkpoint.py), micro batch 4 x 2048 random tokens, LoRA r=16 / alpha 32 on every linear layer
 but the head, gradient checkpointing, AdamW. tokens/s over the timed steps after 3 warm-up steps; peak GiB is
-torch.cuda.max_memory_allocated from loading to the end. Each row runs with the same CUDA context, one at a time.
+torch.cuda.max_memory_allocated from loading to the end, step peak GiB the same over the timed steps alone. Each row runs with the same CUDA context, one at a time.
 
     python bench/bench_speed.py [--shapes llama-1b llama-8b] [--modes qlora lora] [--steps 8] [--out FILE]
 """
@@ -29,24 +29,42 @@ from random_checkpoint import make_checkpoint  # noqa: E402
 
 from lora.config import LoraSettings, ModelSource, Quantization, Training  # noqa: E402
 from lora.data import TokenizedExample  # noqa: E402
-from lora.fast import use_fused_kernels  # noqa: E402
+from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels  # noqa: E402
 from lora.model import dispatch_backend, load_base_model, parameter_counts, prepare_trainable  # noqa: E402
 from lora.train import Shard, TrainState, build_optimizer, train  # noqa: E402
 
 WARMUP = 3
 
 
-def loramill_step(path: Path, quant: bool, fused: bool, batch: int, seq: int, steps: int, r: int) -> dict:
+# loramill's rows: the system's name and what it adds to the worker's step (Liger kernels, compiled blocks, block
+# inputs offloaded to host memory), so each route is measured alone and together with the others.
+LORAMILL_SYSTEMS = {
+    "loramill-unfused": (),
+    "loramill": ("liger",),
+    "loramill-offload": ("liger", "offload"),
+    # Liger's loss only: its RMSNorm, SwiGLU and RoPE kernels are Triton calls torch.compile does not trace
+    "loramill-compiled": ("liger-loss", "compile"),
+    "loramill-compiled-offload": ("liger-loss", "compile", "offload"),
+}
+
+
+def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, steps: int, r: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     quantization = Quantization(mode="nf4" if quant else "none")
     backend = dispatch_backend(quantization, use_gpu=True)
     model = load_base_model(path, ModelSource(id=str(path)), quantization, backend)
-    kernels = use_fused_kernels(model, backend) if fused else "none"
+    routes = LORAMILL_SYSTEMS[system]
+    fused = "liger" in routes or "liger-loss" in routes
+    kernels = [use_fused_kernels(model, backend, block_kernels="liger" in routes) if fused else "none"]
     lora = LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules="all-linear")
     cfg = Training(max_steps=WARMUP + steps, learning_rate=1e-4, lr_schedule="constant", micro_batch_size=batch,
                    max_seq_len=seq, gradient_checkpointing=True, eval_every=10**6, checkpoint_every=10**6,
                    max_eval_examples=1, fused_kernels=fused, group_by_length=False)
     model = prepare_trainable(model, lora, cfg.gradient_checkpointing, backend.four_bit)
+    if "compile" in routes:
+        kernels.append(compile_decoder_layers(model, backend))
+    if "offload" in routes:
+        kernels.append(offload_checkpointed_inputs(model, backend))
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     examples = []
@@ -60,14 +78,20 @@ def loramill_step(path: Path, quant: bool, fused: bool, batch: int, seq: int, st
     def progress(step: int) -> None:
         torch.cuda.synchronize()
         stamps[step] = time.perf_counter()
+        if step == WARMUP:
+            step_peak.append(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+
+    step_peak: list[int] = []  # the peak from loading to the warm-up's end; then the timed steps' own
 
     state = train(model, optimizer, scheduler, shard, cfg, TrainState(), lambda *a: None,
                   pad_id=0, device=backend.device, progress=progress)
     seconds = stamps[WARMUP + steps] - stamps[WARMUP]
     trainable, _ = parameter_counts(model)
-    result = dict(system="loramill" if fused else "loramill-unfused", path=path.name, quant=quant, bs=batch, seq=seq,
-                  r=r, tok_s=round(batch * seq * steps / seconds), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                  trainable=trainable, step_s=round(seconds / steps, 3), kernels=kernels,
+    result = dict(system=system, path=path.name, quant=quant, bs=batch, seq=seq,
+                  r=r, tok_s=round(batch * seq * steps / seconds), peak_gib=round(max(step_peak[0], torch.cuda.max_memory_allocated()) / 2**30, 2),
+                  step_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                  trainable=trainable, step_s=round(seconds / steps, 3), kernels="; ".join(kernels),
                   last_train_loss=round(state.history[-1]["train_loss"], 4))
     print(json.dumps(result), flush=True)
     del model, optimizer, scheduler, state
@@ -80,7 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["llama-1b", "llama-8b"])
     parser.add_argument("--modes", nargs="+", default=["qlora", "lora"], choices=["qlora", "lora"])
-    parser.add_argument("--systems", nargs="+", default=["plain", "loramill-unfused", "loramill"])
+    parser.add_argument("--systems", nargs="+", default=["plain", "loramill-unfused", "loramill"],
+                        choices=["plain", *LORAMILL_SYSTEMS])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tokenizer", type=Path, default=None)
     parser.add_argument("--root", type=Path, default=Path("/tmp/ckpt"))
@@ -98,7 +123,7 @@ def main() -> None:
                     if system == "plain":
                         row = hf_baseline.run(str(path), quant, bs=4, seq=2048, steps=args.steps, gc_on=True) | {"system": "plain"}
                     else:
-                        row = loramill_step(path, quant, system == "loramill", 4, 2048, args.steps, 16)
+                        row = loramill_step(path, quant, system, 4, 2048, args.steps, 16)
                 except Exception as e:  # one failing row (out of memory, a kernel) must not lose the others
                     row = dict(system=system, path=shape, quant=quant, error=f"{type(e).__name__}: {e}"[:300])
                     print(json.dumps(row), flush=True)
@@ -114,17 +139,18 @@ def main() -> None:
 def markdown(rows: list[dict]) -> str:
     lines = [f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; batch 4 x 2048, r=16 all-linear, "
              "gradient checkpointing", "",
-             "| shape | mode | system | tokens/s | peak GiB | vs plain tok/s | vs plain memory | kernels |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+             "| shape | mode | system | tokens/s | peak GiB | step peak GiB | vs plain tok/s | vs plain memory | kernels |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
     plain = {(r["shape"], r["mode"]): r for r in rows if r["system"] == "plain" and "tok_s" in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['mode']} | {r['system']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['shape']} | {r['mode']} | {r['system']} | error: {r['error']} | | | | | |")
             continue
         base = plain.get((r["shape"], r["mode"]))
         speed = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-"
         memory = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base else "-"
-        lines.append(f"| {r['shape']} | {r['mode']} | {r['system']} | {r['tok_s']:,} | {r['peak_gib']} | {speed} | "
+        lines.append(f"| {r['shape']} | {r['mode']} | {r['system']} | {r['tok_s']:,} | {r['peak_gib']} | "
+                     f"{r.get('step_peak_gib', '-')} | {speed} | "
                      f"{memory} | {r.get('kernels', '-')} |")
     return "\n".join(lines) + "\n"
 

@@ -4,10 +4,19 @@ What they buy for causal-LM LoRA: the fused linear cross-entropy computes the lo
 from the last hidden states, so the ``tokens x vocabulary`` logits (4 GiB in float32 for 8k tokens of a 128k
 vocabulary, plus their gradient) never exist; RMSNorm, SwiGLU and RoPE become one Triton kernel each instead of
 several elementwise launches. LoRA keeps working: the fused MLP still calls the (LoRA-wrapped) projections.
+
+Two more routes for the step on CUDA: torch.compile of each transformer block (fuses what the LoRA layers and the
+block add around the matmuls), and the checkpointed blocks' inputs kept in host memory (less GPU memory). Each
+returns what it did, or why not, for ``run_info.json``'s ``kernels``; bench/SPEED_NOTES.md has what each measured.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
 from torch import nn
 
 from lora.model import Backend
@@ -16,8 +25,9 @@ LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_c
                  "cross_entropy": False}
 
 
-def use_fused_kernels(model: nn.Module, backend: Backend) -> str:
-    """Patch ``model`` (a transformers causal LM, before LoRA) with Liger's kernels where they apply.
+def use_fused_kernels(model: nn.Module, backend: Backend, block_kernels: bool = True) -> str:
+    """Patch ``model`` (a transformers causal LM, before LoRA) with Liger's kernels where they apply;
+    ``block_kernels=False`` keeps the plain RMSNorm, SwiGLU and RoPE (for torch.compile, which does not trace them).
 
     Returns what was done, for the run's record: ``"liger <version>"`` or why the plain modules stay.
     """
@@ -33,10 +43,67 @@ def use_fused_kernels(model: nn.Module, backend: Backend) -> str:
         return f"none: liger-kernel has no kernels for {model_type}"
     if model.get_output_embeddings() is None:  # Liger replaces a causal LM's forward; a classifier keeps its own
         return "none: fused kernels are for causal language models"
-    _apply_liger_kernel_to_instance(model=model, **LIGER_KERNELS)
+    chosen = LIGER_KERNELS if block_kernels else LIGER_KERNELS | {"rope": False, "rms_norm": False, "swiglu": False}
+    _apply_liger_kernel_to_instance(model=model, **chosen)
     version = getattr(liger_kernel, "__version__", None)
     if version is None:
         from importlib.metadata import version as installed_version
 
         version = installed_version("liger-kernel")
-    return f"liger {version}"
+    return f"liger {version}" + ("" if block_kernels else " (fused loss only)")
+
+
+def compile_decoder_layers(model: nn.Module, backend: Backend) -> str:
+    """torch.compile each transformer block (after LoRA is applied): one graph for all blocks of a shape, so the
+    LoRA update's scale-and-add, the residual adds and what Liger leaves unfused become fewer kernels. The blocks'
+    gradient checkpointing stays outside the compiled region.
+
+    Returns what was done, for the run's record, or why nothing was."""
+    if backend.device.type != "cuda":
+        return "none: compiled blocks are for CUDA"
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        return "none: the model has no transformer blocks transformers can checkpoint"
+    for block in blocks:
+        block.compile()
+    return f"torch.compile of {len(blocks)} blocks"
+
+
+def offload_checkpointed_inputs(model: nn.Module, backend: Backend) -> str:
+    """Keep each checkpointed block's input in pinned host memory instead of on the GPU until the backward pass
+    recomputes the block (one hidden-state tensor a block: 64 MiB a block for 8k tokens of an 8B model, 2 GiB in
+    all). Call after gradient checkpointing is enabled.
+
+    Non-reentrant checkpointing saves the block's inputs through the saved-tensor hooks active around it, and
+    ``save_on_cpu`` is such a hook; inside the block, checkpointing's own hooks take precedence, so nothing else moves.
+    """
+    if backend.device.type != "cuda":
+        return "none: nothing to offload on CPU"
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not checkpointed:
+        return "none: gradient checkpointing is off"
+    for module in checkpointed:
+        module._gradient_checkpointing_func = partial(_with_inputs_on_host, module._gradient_checkpointing_func)
+    return f"inputs of {len(checkpointed)} checkpointed blocks in host memory"
+
+
+def _with_inputs_on_host(checkpoint: Callable, *args: Any, **kwargs: Any) -> Any:
+    with torch.autograd.graph.saved_tensors_hooks(_to_host, _to_device):
+        return checkpoint(*args, **kwargs)
+
+
+def _to_host(tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
+    # Not torch's save_on_cpu: its copy into pinned memory blocks the host until the GPU reaches it, every block.
+    # This one is queued on the compute stream; the caching host allocator keeps the buffer until it is done.
+    host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=tensor.is_cuda)
+    host.copy_(tensor, non_blocking=True)
+    return tensor.device, host
+
+
+def _to_device(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
+    device, host = packed
+    return host.to(device, non_blocking=True)

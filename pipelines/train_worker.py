@@ -24,7 +24,7 @@ from ray.train import Checkpoint
 from lora.base_eval import measurement_key, remember, reused
 from lora.config import Config, Domain
 from lora.data import load_examples, load_labelled_examples
-from lora.fast import use_fused_kernels
+from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels
 from lora.model import (
     Backend,
     dispatch_backend,
@@ -103,11 +103,20 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
     # A sharded run loads the base into CPU memory, as its GPU may not hold it whole: fully_shard moves the shards.
     load_backend = replace(backend, device=torch.device("cpu")) if sharded else backend
     base_key, model = _borrow_base_model(model_dir, cfg, load_backend, domain.labels, tokenizer.pad_token_id)
-    kernels = use_fused_kernels(model, backend) if cfg.train.fused_kernels else "none: train.fused_kernels=false"
+    compile_blocks = cfg.train.compile_blocks and not sharded
+    kernels = [use_fused_kernels(model, backend, block_kernels=not compile_blocks) if cfg.train.fused_kernels
+               else "none: train.fused_kernels=false"]
     model = prepare_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
     trainable, total = parameter_counts(model)
     if sharded:
         _shard_base(model, backend.device, world_size)
+    if compile_blocks:
+        kernels.append(compile_decoder_layers(model, backend))
+    elif cfg.train.compile_blocks:
+        kernels.append("none: blocks are not compiled under FSDP (not measured together)")
+    if cfg.train.offload_checkpoints:
+        kernels.append(offload_checkpointed_inputs(model, backend))
+    kernels = "; ".join(kernels)
     chosen_by = ""
     if cfg.cluster.use_gpu and chat and cfg.train.batch_tokens is None:
         train_cfg = cfg.train.model_copy(update={"batch_tokens": _budget_for_this_gpu(model, cfg, backend.device)})
@@ -317,8 +326,9 @@ def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend, lab
         # sequence classifier leaves the *trained* copy of the head in the base (modules_to_save). PiSSA/OLoRA
         # subtract B0.A0 from the base's weights, which unload() does not put back; adapter layers hook into it.
         return None, load_base_model(model_dir, cfg.model, cfg.quant, backend, labels, pad_token_id)
+    # The kernel settings too: Liger's patches and compiled blocks stay on a given-back base.
     key = (str(model_dir), cfg.model.revision, cfg.quant.model_dump_json(), repr(backend),
-           cfg.train.gradient_checkpointing)
+           cfg.train.gradient_checkpointing, cfg.train.fused_kernels, cfg.train.compile_blocks)
     base = _idle_base_models.pop(key, None)
     if base is None:
         _idle_base_models.clear()  # one base per process: a different one replaces it, memory stays flat

@@ -1,5 +1,6 @@
 """The fast path's parts that run everywhere: kernels fall back on CPU, and length-grouped batching (less padding,
-same examples). The CUDA side (Liger kernels against the plain modules) is in tests/test_gpu.py."""
+same examples). The CUDA side (Liger kernels, compiled blocks and offloaded checkpoints against the plain step) is in
+tests/test_gpu.py."""
 
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 
 from lora.config import LoraSettings, ModelSource, Quantization, load_config
 from lora.data import TokenizedExample, load_examples
-from lora.fast import use_fused_kernels
+from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels
 from lora.model import apply_lora, dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
 from lora.train import Batching, Shard
 
@@ -22,7 +23,9 @@ def test_fused_kernels_fall_back_on_cpu_and_leave_the_model_as_it_was(tiny_model
     before = model(input_ids=ids, labels=ids).loss
 
     assert use_fused_kernels(model, backend) == "none: Triton kernels need CUDA"
-    model = apply_lora(model, LoraSettings(r=4), gradient_checkpointing=False, four_bit=False)
+    model = apply_lora(model, LoraSettings(r=4), gradient_checkpointing=True, four_bit=False)
+    assert compile_decoder_layers(model, backend) == "none: compiled blocks are for CUDA"
+    assert offload_checkpointed_inputs(model, backend) == "none: nothing to offload on CPU"
     with model.disable_adapter():
         assert torch.equal(model(input_ids=ids, labels=ids).loss, before)
 

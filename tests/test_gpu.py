@@ -5,7 +5,7 @@ import torch
 from typer.testing import CliRunner
 
 from lora.config import LoraSettings, ModelSource, Quantization
-from lora.fast import use_fused_kernels
+from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels
 from lora.model import apply_lora, dispatch_backend, load_base_model
 from pipelines.cli import app
 from tests.conftest import read_json
@@ -39,17 +39,24 @@ def test_one_gpu_ray_train_run(ray_cluster, tiny_config_file):
     assert facts["eval_loss"] < facts["base_eval_loss"]
     # No train.batch_tokens in the config: the budget is the GPU default, and the line under the table says so.
     assert info["batching"].startswith("packed: ") and "the GPU default" in info["batching"]
+    # The GPU defaults: Liger's fused loss, each block compiled (tests/test_fast.py: neither on CPU)
+    assert info["kernels"].endswith("(fused loss only); torch.compile of 2 blocks"), info["kernels"]
     shown = " ".join(result.output.split())  # the caption wraps at the table's width
     assert "legal batching: packed: " in shown and "train.micro_batch_size is not used" in shown
 
 
-def _loss_and_lora_grads(model_dir, fused: bool) -> tuple[str, torch.Tensor, dict[str, torch.Tensor]]:
+def _loss_and_lora_grads(model_dir, fused: bool, compiled: bool = False, offloaded: bool = False,
+                         ) -> tuple[str, torch.Tensor, dict[str, torch.Tensor]]:
     quant = Quantization(mode="none")
     backend = dispatch_backend(quant, use_gpu=True)
     model = load_base_model(model_dir, ModelSource(id=str(model_dir)), quant, backend)
     kernels = use_fused_kernels(model, backend) if fused else "none"
     torch.manual_seed(0)
     model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True, four_bit=False)
+    if compiled:
+        kernels = compile_decoder_layers(model, backend)
+    if offloaded:
+        kernels = offload_checkpointed_inputs(model, backend)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at 0, which would leave every A gradient 0: compare non-trivial ones
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator(p.device).manual_seed(len(name)))
@@ -72,6 +79,18 @@ def test_fused_kernels_match_the_plain_modules(tiny_model_dir):
     for name, grad in grads.items():
         error = (grad - plain_grads[name]).norm() / plain_grads[name].norm()
         assert error < 0.05, f"{name}: relative gradient difference {error:.3f} (bf16 compute)"
+
+
+def test_compiled_blocks_and_offloaded_checkpoints_match_the_eager_step(tiny_model_dir):
+    _, eager_loss, eager_grads = _loss_and_lora_grads(tiny_model_dir, fused=False)
+    for route in ("compiled", "offloaded"):
+        kernels, loss, grads = _loss_and_lora_grads(tiny_model_dir, fused=False, **{route: True})
+        assert kernels in ("torch.compile of 2 blocks", "inputs of 2 checkpointed blocks in host memory"), kernels
+        assert torch.allclose(loss, eager_loss, rtol=1e-2), (route, loss, eager_loss)
+        assert grads.keys() == eager_grads.keys()
+        for name, grad in grads.items():
+            error = (grad - eager_grads[name]).norm() / eager_grads[name].norm()
+            assert error < 0.05, f"{route} {name}: relative gradient difference {error:.3f} (bf16 compute)"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
