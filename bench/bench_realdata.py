@@ -3,7 +3,8 @@ micro batches of N examples against packed micro batches of a token budget (``tr
 conversations made of those examples (each about 1,900 tokens: 14 consecutive examples as one multi-turn chat).
 
 Random-weight Llama shapes (bench/random_checkpoint.py) in 4-bit NF4, LoRA r=16 / alpha 32 on every linear layer,
-gradient checkpointing, fused kernels, the functions a Ray Train worker runs (one base load per shape; the adapter is
+gradient checkpointing, Liger's fused loss and compiled blocks (``--no-compile-blocks``: Liger's kernels alone),
+the functions a Ray Train worker runs (one base load per shape; the adapter is
 unloaded between rows). Real (non-padding) tokens per second over the steps after 3 warm-up steps; peak GiB is
 torch.cuda.max_memory_allocated during the row. The Unsloth anchor on the same files is
 ../shared/gpu/unsloth_realdata.py (run it in the same session; it needs its own bundle).
@@ -104,8 +105,9 @@ def main() -> None:
     parser.add_argument("--attention", default=None, help="attn_implementation to switch the base to (e.g. "
                         "flex_attention); default: what loramill loads")
     parser.add_argument("--row-tokens", type=int, default=None, help="packed row length (lora.train.PACKED_ROW_TOKENS)")
-    parser.add_argument("--compile", action="store_true", help="compile each block, as train.compile_blocks does "
-                        "(Liger then keeps only its fused loss)")
+    parser.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile each block, as train.compile_blocks does by default (Liger then keeps only its "
+                        "fused loss); --no-compile-blocks: Liger's kernels alone, as before")
     parser.add_argument("--out", type=Path, default=None, help="JSON lines to write")
     args = parser.parse_args()
     if args.row_tokens:
@@ -121,15 +123,15 @@ def main() -> None:
         quantization = Quantization(mode="nf4")
         backend = dispatch_backend(quantization, use_gpu=True)
         base = load_base_model(path, ModelSource(id=str(path)), quantization, backend)
-        kernels = use_fused_kernels(base, backend, block_kernels=not args.compile)
-        kernels += "; torch.compile of each block" if args.compile else ""
+        kernels = use_fused_kernels(base, backend, block_kernels=not args.compile_blocks)
+        kernels += "; torch.compile of each block" if args.compile_blocks else ""
         if args.attention:
             base.set_attn_implementation(args.attention)
         attention = base.config._attn_implementation
         rows_here = [(d, b, int(n)) for d, b, n in (r.split(":") for r in args.rows)] if args.rows else ROWS[shape]
         for data, batching, size in rows_here:
             try:
-                row = run_row(base, backend, examples[data], batching, size, args.steps, args.compile)
+                row = run_row(base, backend, examples[data], batching, size, args.steps, args.compile_blocks)
             except Exception as e:  # one failing row (out of memory) must not lose the others
                 row = dict(batching=batching, size=size, error=f"{type(e).__name__}: {e}"[:300])
                 gc.collect()

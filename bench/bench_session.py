@@ -203,11 +203,12 @@ def run_bench(args) -> None:
                [py, "bench/bench_speed.py", "--shapes", shape, "--modes", *args.long_modes, "--systems", "plain",
                 "loramill", "--tokenizer", tok], "loramill")
         s.part(f"long rows {shape}: Unsloth", [py, "bench/reference/unsloth_anchor.py", shape], "unsloth")
+    pairs = [p for p in REALDATA_PAIRS if p[1] in args.realdata_rows]
     for shape in args.realdata_shapes:
         s.part(f"real data {shape}: loramill",
                [py, "bench/bench_realdata.py", "--tokenizer", tok, "--shapes", shape, "--rows",
-                *[p[1] for p in REALDATA_PAIRS]], "loramill")
-        for _, _, (data, bs, mode) in REALDATA_PAIRS:
+                *[p[1] for p in pairs]], "loramill")
+        for _, _, (data, bs, mode) in pairs:
             s.part(f"real data {shape}: Unsloth {data} {bs} {mode}",
                    [py, "bench/reference/unsloth_realdata.py", str(CKPT / shape), DATA if data == "short" else LONG,
                     str(bs), str(UNSLOTH_STEPS), mode], "unsloth",
@@ -384,7 +385,10 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=Path(".gpu-tokenizer"))
     parser.add_argument("--long-shapes", nargs="+", default=["llama-1b"])
     parser.add_argument("--long-modes", nargs="+", default=["qlora", "lora"], choices=["qlora", "lora"])
-    parser.add_argument("--realdata-shapes", nargs="+", default=["llama-1b"])
+    parser.add_argument("--realdata-shapes", nargs="*", default=["llama-1b"])
+    parser.add_argument("--realdata-rows", nargs="+", default=[p[1] for p in REALDATA_PAIRS],
+                        choices=[p[1] for p in REALDATA_PAIRS], help="loramill's rows to run, each with its Unsloth "
+                        "pair (default: all)")
     parser.add_argument("--budget", type=float, default=560.0, help="seconds for the whole bench; a part still "
                         "running then is stopped and the parts after it are skipped")
     parser.add_argument("--setup-only", action="store_true")

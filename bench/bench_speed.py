@@ -40,11 +40,11 @@ WARMUP = 3
 # inputs offloaded to host memory), so each route is measured alone and together with the others.
 LORAMILL_SYSTEMS = {
     "loramill-unfused": (),
-    "loramill": ("liger",),
-    "loramill-offload": ("liger", "offload"),
-    # Liger's loss only: its RMSNorm, SwiGLU and RoPE kernels are Triton calls torch.compile does not trace
-    "loramill-compiled": ("liger-loss", "compile"),
-    "loramill-compiled-offload": ("liger-loss", "compile", "offload"),
+    "loramill-liger": ("liger",),  # the worker's step on CUDA before train.compile_blocks
+    # The worker's step on CUDA by default: Liger's loss only (its RMSNorm, SwiGLU and RoPE kernels are Triton calls
+    # torch.compile does not trace) and each block compiled
+    "loramill": ("liger-loss", "compile"),
+    "loramill-offload": ("liger-loss", "compile", "offload"),  # with train.offload_checkpoints
 }
 
 
