@@ -163,7 +163,8 @@ class Training(Section):
     compile_blocks: bool = True
     """On CUDA, torch.compile each transformer block (Liger then keeps only its fused loss, as torch.compile does
     not trace its other kernels). The first steps pay for compiling (tens of seconds); on an H200, 1.10-1.24x the
-    tokens/s of Liger's kernels alone (bench/SPEED_NOTES.md). Ignored on CPU and with ``strategy: fsdp``."""
+    tokens/s of Liger's kernels alone (bench/SPEED_NOTES.md). Ignored on CPU and for runs of several workers (DDP or
+    FSDP), where it was not measured yet."""
     offload_checkpoints: bool = False
     """On CUDA with gradient checkpointing, keep each block's checkpointed input in pinned host memory until the
     backward pass needs it: 1.3-1.7 GiB less peak GPU memory for an 8B base at 8k tokens a step, at the same speed;
