@@ -113,7 +113,7 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
         _shard_base(model, backend.device, world_size)
     if compile_blocks:
         kernels.append(compile_decoder_layers(model, backend))
-    elif cfg.train.compile_blocks:
+    elif cfg.train.compile_blocks and backend.device.type == "cuda":
         kernels.append(f"none: blocks are compiled for one worker only ({world_size} here, not measured together)")
     if cfg.train.offload_checkpoints:
         kernels.append(offload_checkpointed_inputs(model, backend))
