@@ -76,8 +76,8 @@ def offload_checkpointed_inputs(model: nn.Module, backend: Backend) -> str:
     recomputes the block (one hidden-state tensor a block: 64 MiB a block for 8k tokens of an 8B model, 2 GiB in
     all). Call after gradient checkpointing is enabled.
 
-    Non-reentrant checkpointing saves the block's inputs through the saved-tensor hooks active around it, and
-    ``save_on_cpu`` is such a hook; inside the block, checkpointing's own hooks take precedence, so nothing else moves.
+    Non-reentrant checkpointing saves the block's inputs through the saved-tensor hooks active around it, which is
+    where these go; inside the block, checkpointing's own hooks take precedence, so nothing else moves.
     """
     if backend.device.type != "cuda":
         return "none: nothing to offload on CPU"
