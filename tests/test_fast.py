@@ -2,11 +2,14 @@
 same examples). The CUDA side (Liger kernels, compiled blocks and offloaded checkpoints against the plain step) is in
 tests/test_gpu.py."""
 
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
+import lora.fast
 from lora.config import LoraSettings, ModelSource, Quantization, load_config
 from lora.data import TokenizedExample, load_examples
 from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels
@@ -28,6 +31,31 @@ def test_fused_kernels_fall_back_on_cpu_and_leave_the_model_as_it_was(tiny_model
     assert offload_checkpointed_inputs(model, backend) == "none: nothing to offload on CPU"
     with model.disable_adapter():
         assert torch.equal(model(input_ids=ids, labels=ids).loss, before)
+
+
+def test_a_checkpointed_blocks_input_goes_to_the_host_and_nothing_inside_it_does(monkeypatch):
+    """The mechanism behind train.offload_checkpoints, on CPU (the option itself only acts on CUDA): non-reentrant
+    checkpointing saves the block's input through the hooks around it, and the block's own saved tensors stay with
+    checkpointing's recomputation. Gradients are unchanged."""
+    moved = []
+    to_host = lora.fast._to_host
+    monkeypatch.setattr(lora.fast, "_to_host", lambda tensor: moved.append(tuple(tensor.shape)) or to_host(tensor))
+    block = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 8))
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    checkpoint = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+    def gradients(run) -> list[torch.Tensor]:
+        block.zero_grad()
+        x.grad = None
+        run().pow(2).sum().backward()
+        return [x.grad.clone(), *(p.grad.clone() for p in block.parameters())]
+
+    plain = gradients(lambda: checkpoint(block, x))
+    assert moved == []
+    offloaded = gradients(lambda: lora.fast._with_inputs_on_host(checkpoint, block, x))
+    assert (4, 8) in moved  # the block's input
+    assert not {(16, 8), (8, 16), (4, 16)} & set(moved)  # weights and activations inside the block stay
+    assert all(torch.equal(a, b) for a, b in zip(plain, offloaded, strict=True))
 
 
 def _examples(lengths: list[int]) -> list[TokenizedExample]:
