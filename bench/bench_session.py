@@ -284,7 +284,7 @@ def render(records: list[dict]) -> str:
         out.append(f"- data `{d['data_facts']}` ({d['file']}): {d['examples']} examples, {d['tokens']:,} tokens, "
                    f"{d['mean_tokens']} tokens an example (loramill's tokenization, SmolLM2 chat template)")
     mean = {d["data_facts"]: d["mean_tokens"] for d in first.get("data", [])}
-    out += ["", "Figures below are run 1's; the last table gives run 2 next to it.", ""]
+    out += ["", "Figures below are run 1's; the last table gives run 2 next to it.", ""] if len(records) > 1 else [""]
 
     shapes = sorted({k[1] for k in i1 if k[0] == "long"})
     if shapes:
