@@ -61,14 +61,20 @@ def compile_decoder_layers(model: nn.Module, backend: Backend) -> str:
     Returns what was done, for the run's record, or why nothing was."""
     if backend.device.type != "cuda":
         return "none: compiled blocks are for CUDA"
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    blocks = transformer_blocks(model)
     if not blocks:
         return "none: the model has no transformer blocks transformers can checkpoint"
     for block in blocks:
         block.compile()
     return f"torch.compile of {len(blocks)} blocks"
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks transformers checkpoints one by one (a Llama's decoder layers); not the model itself,
+    which also carries a ``gradient_checkpointing`` flag but checkpoints nothing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def offload_checkpointed_inputs(model: nn.Module, backend: Backend) -> str:
@@ -81,9 +87,7 @@ def offload_checkpointed_inputs(model: nn.Module, backend: Backend) -> str:
     """
     if backend.device.type != "cuda":
         return "none: nothing to offload on CPU"
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    checkpointed = [block for block in transformer_blocks(model) if block.gradient_checkpointing]
     if not checkpointed:
         return "none: gradient checkpointing is off"
     for module in checkpointed:

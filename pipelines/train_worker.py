@@ -102,9 +102,10 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
     eval_examples, eval_stats = _tokenized(domain.eval, domain, tokenizer, cfg)
     # A sharded run loads the base into CPU memory, as its GPU may not hold it whole: fully_shard moves the shards.
     load_backend = replace(backend, device=torch.device("cpu")) if sharded else backend
-    base_key, model = _borrow_base_model(model_dir, cfg, load_backend, domain.labels, tokenizer.pad_token_id)
     # One worker only: compiled blocks under DDP or FSDP were not measured (no multi-GPU machine that day)
     compile_blocks = cfg.train.compile_blocks and world_size == 1
+    base_key, model = _borrow_base_model(model_dir, cfg, load_backend, domain.labels, tokenizer.pad_token_id,
+                                         compile_blocks)
     kernels = [use_fused_kernels(model, backend, block_kernels=not compile_blocks) if cfg.train.fused_kernels
                else "none: train.fused_kernels=false"]
     model = prepare_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
@@ -316,7 +317,7 @@ def _tokenized(url: str, domain: Domain, tokenizer: Any, cfg: Config):
 
 
 def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend, labels: list[str] | None,
-                       pad_token_id: int) -> tuple[tuple | None, torch.nn.Module]:
+                       pad_token_id: int, compile_blocks: bool) -> tuple[tuple | None, torch.nn.Module]:
     """(key, base) with this process's idle base for ``cfg`` if there is one, else a fresh load.
 
     The base leaves the cache while lent: a run that never gives it back (killed mid-step) leaves nothing
@@ -327,9 +328,10 @@ def _borrow_base_model(model_dir: Path | str, cfg: Config, backend: Backend, lab
         # sequence classifier leaves the *trained* copy of the head in the base (modules_to_save). PiSSA/OLoRA
         # subtract B0.A0 from the base's weights, which unload() does not put back; adapter layers hook into it.
         return None, load_base_model(model_dir, cfg.model, cfg.quant, backend, labels, pad_token_id)
-    # The kernel settings too: Liger's patches and compiled blocks stay on a given-back base.
+    # The kernel choices too (``compile_blocks``: whether this run compiles): Liger's patches and compiled blocks
+    # stay on a given-back base.
     key = (str(model_dir), cfg.model.revision, cfg.quant.model_dump_json(), repr(backend),
-           cfg.train.gradient_checkpointing, cfg.train.fused_kernels, cfg.train.compile_blocks)
+           cfg.train.gradient_checkpointing, cfg.train.fused_kernels, compile_blocks)
     base = _idle_base_models.pop(key, None)
     if base is None:
         _idle_base_models.clear()  # one base per process: a different one replaces it, memory stays flat
