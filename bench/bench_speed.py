@@ -5,7 +5,9 @@ functions a Ray Train worker of `loramill train` runs (dispatch_backend, load_ba
 prepare_trainable, build_optimizer, lora.train.train), on the same shapes: random-weight Llama checkpoints
 (bench/random_checkpoint.py), micro batch 4 x 2048 random tokens, LoRA r=16 / alpha 32 on every linear layer
 but the head, gradient checkpointing, AdamW. tokens/s over the timed steps after 3 warm-up steps; peak GiB is
-torch.cuda.max_memory_allocated from loading to the end, step peak GiB the same over the timed steps alone. Each row runs with the same CUDA context, one at a time.
+torch.cuda.max_memory_allocated from loading to the end, step peak GiB the same over the timed steps alone;
+first_step_s runs from train()'s start (a one-example base evaluation) to the first step's end: compiling the
+blocks shows there. Each row runs with the same CUDA context, one at a time.
 
     python bench/bench_speed.py [--shapes llama-1b llama-8b] [--modes qlora lora] [--steps 8] [--out FILE]
 """
@@ -32,6 +34,7 @@ from lora.data import TokenizedExample  # noqa: E402
 from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels  # noqa: E402
 from lora.model import dispatch_backend, load_base_model, parameter_counts, prepare_trainable  # noqa: E402
 from lora.train import Shard, TrainState, build_optimizer, train  # noqa: E402
+from step_profile import StepProfile  # noqa: E402
 
 WARMUP = 3
 
@@ -48,8 +51,10 @@ LORAMILL_SYSTEMS = {
 }
 
 
-def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, steps: int, r: int) -> dict:
+def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, steps: int, r: int,
+                  profile: Path | None = None, profile_parts: tuple[bool, bool] = (True, True)) -> dict:
     torch.cuda.reset_peak_memory_stats()
+    loading = time.perf_counter()
     quantization = Quantization(mode="nf4" if quant else "none")
     backend = dispatch_backend(quantization, use_gpu=True)
     model = load_base_model(path, ModelSource(id=str(path)), quantization, backend)
@@ -75,15 +80,23 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
     stamps: dict[int, float] = {}
 
+    profiled = StepProfile(profile, *profile_parts) if profile else None
+
     def progress(step: int) -> None:
         torch.cuda.synchronize()
         stamps[step] = time.perf_counter()
         if step == WARMUP:
             step_peak.append(torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
+            if profiled:
+                profiled.__enter__()
+        if step == WARMUP + steps and profiled:
+            profiled.steps = steps
+            profiled.__exit__(None, None, None)
 
     step_peak: list[int] = []  # the peak from loading to the warm-up's end; then the timed steps' own
 
+    started = time.perf_counter()
     state = train(model, optimizer, scheduler, shard, cfg, TrainState(), lambda *a: None,
                   pad_id=0, device=backend.device, progress=progress)
     seconds = stamps[WARMUP + steps] - stamps[WARMUP]
@@ -91,6 +104,7 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
     result = dict(system=system, path=path.name, quant=quant, bs=batch, seq=seq,
                   r=r, tok_s=round(batch * seq * steps / seconds), peak_gib=round(max(step_peak[0], torch.cuda.max_memory_allocated()) / 2**30, 2),
                   step_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                  load_s=round(started - loading, 1), first_step_s=round(stamps[1] - started, 1),
                   trainable=trainable, step_s=round(seconds / steps, 3), kernels="; ".join(kernels),
                   last_train_loss=round(state.history[-1]["train_loss"], 4))
     print(json.dumps(result), flush=True)
@@ -110,6 +124,11 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=None)
     parser.add_argument("--root", type=Path, default=Path("/tmp/ckpt"))
     parser.add_argument("--out", type=Path, default=None, help="markdown table to write")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="folder: profile each loramill row's timed steps (kernel time by kind, memory at the "
+                             "peak) into DIR/SYSTEM-SHAPE-MODE/summary.md; those rows' tok/s are then the profiled steps'")
+    parser.add_argument("--profile-only", choices=["kernels", "memory"], default=None,
+                        help="with --profile: record only the kernels, or only the allocator's history")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
 
@@ -123,7 +142,9 @@ def main() -> None:
                     if system == "plain":
                         row = hf_baseline.run(str(path), quant, bs=4, seq=2048, steps=args.steps, gc_on=True) | {"system": "plain"}
                     else:
-                        row = loramill_step(path, quant, system, 4, 2048, args.steps, 16)
+                        profile = args.profile / f"{system}-{shape}-{mode}" if args.profile else None
+                        parts = (args.profile_only != "memory", args.profile_only != "kernels")
+                        row = loramill_step(path, quant, system, 4, 2048, args.steps, 16, profile, parts)
                 except Exception as e:  # one failing row (out of memory, a kernel) must not lose the others
                     row = dict(system=system, path=shape, quant=quant, error=f"{type(e).__name__}: {e}"[:300])
                     print(json.dumps(row), flush=True)

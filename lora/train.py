@@ -297,22 +297,23 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
-    for index, rows in enumerate(plan):
-        batch = {k: v.to(device) for k, v in batching.collate([[examples[i] for i in row] for row in rows],
-                                                              pad_id).items()}
-        if index >= own:
-            model(**batch)
-            continue
-        if classify:
-            targets = batch.pop("labels")
-            logits = model(**batch).logits.float()
-            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
-            correct += (logits.argmax(-1) == targets).sum()
-            count += len(targets)
-        else:
-            targets = (batch["labels"][:, 1:] != -100).sum()
-            loss_sum += model(**batch).loss.double() * targets
-            count += targets
+    with adapter_autocast(model):  # no weight changes inside: one context for all forwards
+        for index, rows in enumerate(plan):
+            batch = {k: v.to(device) for k, v in batching.collate([[examples[i] for i in row] for row in rows],
+                                                                  pad_id).items()}
+            if index >= own:
+                model(**batch)
+                continue
+            if classify:
+                targets = batch.pop("labels")
+                logits = model(**batch).logits.float()
+                loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
+                correct += (logits.argmax(-1) == targets).sum()
+                count += len(targets)
+            else:
+                targets = (batch["labels"][:, 1:] != -100).sum()
+                loss_sum += model(**batch).loss.double() * targets
+                count += targets
     loss_sum, count, correct = all_ranks(torch.stack([loss_sum, count, correct]))
     model.train(was_training)
     eval_loss = loss_sum / max(count, 1)
@@ -333,6 +334,34 @@ def has_adapter(model: nn.Module) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
+
+
+def adapter_autocast(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Around a forward pass: the adapter's matmuls in bfloat16 when the base computes in bfloat16 (CUDA by
+    default), its weights and their optimizer state staying float32. Outside it, peft casts each adapted layer's
+    input up to its float32 weights, so every LoRA matmul runs in float32: on an H200, 1B QLoRA at 8k tokens a step,
+    those were ~50 ms of a 225 ms step as non-tensor-core GEMMs, plus the casts (bench/SPEED_NOTES.md, section 6).
+    Only the forward: autocast caches the weights' casts until it exits, and the optimizer changes them. float16
+    bases keep float32 adapter matmuls (float16 gradients would need loss scaling)."""
+    if peft_base_dtype(model) != torch.bfloat16:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def adapter_inputs_uncast(model: nn.Module):
+    """While training under ``adapter_autocast``: peft leaves the adapted layers' inputs in bfloat16 instead of
+    casting them to float32 first (autocast casts the small weights instead). For the whole run, not each forward:
+    gradient checkpointing recomputes the forward during backward and must find the same dtypes."""
+    from peft.helpers import disable_input_dtype_casting
+
+    with disable_input_dtype_casting(model, active=peft_base_dtype(model) == torch.bfloat16):
+        yield
+
+
+def peft_base_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the base computes in: its input embeddings' (a 4-bit base keeps those unquantized)."""
+    return getattr(model, "module", model).get_input_embeddings().weight.dtype
 
 
 def base_model_view(model: nn.Module):
@@ -398,48 +427,50 @@ def train(
     steps = total_steps(shard, cfg)
     batching = Batching.of(cfg)
     peft_model = getattr(model, "module", model)
-    if state.base_eval_loss is None:
-        if base_metrics is None:
-            with base_model_view(peft_model):
-                base_metrics = evaluate(peft_model, shard.eval, cfg.micro_batch_size, pad_id, device, batching)
-        base = {"step": 0} | base_metrics
-        state.base_eval_loss = base["eval_loss"]
-        state.history.append(base)
-        report(base, state, False)
-    model.train()
-    while state.step < steps:
-        started = time.perf_counter()
-        loss_sum, tokens = torch.zeros((), device=device), 0
-        for micro_index in range(cfg.grad_accum):
-            if state.batch_in_epoch >= shard.batches_per_epoch(batching, state.epoch):
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            micro = shard.micro_batch(state.epoch, state.batch_in_epoch, batching)
-            state.batch_in_epoch += 1
-            tokens += sum(len(e.input_ids) for row in micro for e in row)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batching.collate(micro, pad_id).items()}
-            with gradient_sync(model, micro_index == cfg.grad_accum - 1):
-                loss = model(**batch).loss / cfg.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()  # read once a step: each .item() would wait for the GPU
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        # Read once a step, and waits for the step to finish on the GPU: the time below is the step's.
-        train_loss, step_tokens = all_ranks(torch.stack([loss_sum, torch.tensor(float(tokens), device=device)]))
-        state.tokens += int(step_tokens)
-        train_loss /= shard.world_size
-        state.step += 1
-        state.train_seconds += time.perf_counter() - started
-        progress(state.step)
+    with adapter_inputs_uncast(peft_model):
+        if state.base_eval_loss is None:
+            if base_metrics is None:
+                with base_model_view(peft_model):
+                    base_metrics = evaluate(peft_model, shard.eval, cfg.micro_batch_size, pad_id, device, batching)
+            base = {"step": 0} | base_metrics
+            state.base_eval_loss = base["eval_loss"]
+            state.history.append(base)
+            report(base, state, False)
+        model.train()
+        while state.step < steps:
+            started = time.perf_counter()
+            loss_sum, tokens = torch.zeros((), device=device), 0
+            for micro_index in range(cfg.grad_accum):
+                if state.batch_in_epoch >= shard.batches_per_epoch(batching, state.epoch):
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                micro = shard.micro_batch(state.epoch, state.batch_in_epoch, batching)
+                state.batch_in_epoch += 1
+                tokens += sum(len(e.input_ids) for row in micro for e in row)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batching.collate(micro, pad_id).items()}
+                with gradient_sync(model, micro_index == cfg.grad_accum - 1):
+                    with adapter_autocast(model):
+                        loss = model(**batch).loss / cfg.grad_accum
+                    loss.backward()
+                loss_sum += loss.detach()  # read once a step: each .item() would wait for the GPU
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            # Read once a step, and waits for the step to finish on the GPU: the time below is the step's.
+            train_loss, step_tokens = all_ranks(torch.stack([loss_sum, torch.tensor(float(tokens), device=device)]))
+            state.tokens += int(step_tokens)
+            train_loss /= shard.world_size
+            state.step += 1
+            state.train_seconds += time.perf_counter() - started
+            progress(state.step)
 
-        metrics = {"step": state.step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
-        is_last = state.step == steps
-        if state.step % cfg.eval_every == 0 or is_last:
-            metrics |= evaluate(peft_model, shard.eval, cfg.micro_batch_size, pad_id, device, batching)
-        metrics |= {"train_seconds": state.train_seconds, "tokens_per_second": state.tokens / state.train_seconds}
-        state.history.append(metrics)
-        if "eval_loss" in metrics or state.step % cfg.checkpoint_every == 0:
-            report(metrics, state, state.step % cfg.checkpoint_every == 0 or is_last)
+            metrics = {"step": state.step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
+            is_last = state.step == steps
+            if state.step % cfg.eval_every == 0 or is_last:
+                metrics |= evaluate(peft_model, shard.eval, cfg.micro_batch_size, pad_id, device, batching)
+            metrics |= {"train_seconds": state.train_seconds, "tokens_per_second": state.tokens / state.train_seconds}
+            state.history.append(metrics)
+            if "eval_loss" in metrics or state.step % cfg.checkpoint_every == 0:
+                report(metrics, state, state.step % cfg.checkpoint_every == 0 or is_last)
     return state
 
 

@@ -14,7 +14,8 @@ from lora.config import LoraSettings, ModelSource, Quantization, load_config
 from lora.data import TokenizedExample, load_examples
 from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels
 from lora.model import apply_lora, dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
-from lora.train import Batching, Shard
+from lora.config import Training
+from lora.train import Batching, Shard, TrainState, adapter_autocast, adapter_inputs_uncast, build_optimizer, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,6 +57,68 @@ def test_a_checkpointed_blocks_input_goes_to_the_host_and_nothing_inside_it_does
     assert (4, 8) in moved  # the block's input
     assert not {(16, 8), (8, 16), (4, 16)} & set(moved)  # weights and activations inside the block stay
     assert all(torch.equal(a, b) for a, b in zip(plain, offloaded, strict=True))
+
+
+def _adapter_input_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
+    """The dtypes every LoRA A matrix is fed from now on (a forward hook on each)."""
+    seen: list[torch.dtype] = []
+    for name, module in model.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_hook(lambda _m, args, _out: seen.append(args[0].dtype))
+    return seen
+
+
+def test_a_bfloat16_base_runs_its_adapter_in_bfloat16_and_keeps_float32_weights(tiny_model_dir):
+    """What ``adapter_autocast`` promises, on CPU with a bfloat16 base (CUDA's default compute dtype): the LoRA
+    matmuls get bfloat16 inputs instead of peft's float32 casts, weights and gradients stay float32, the loss and
+    gradients match peft's float32 adapter matmuls within bfloat16 tolerance, and gradient checkpointing's recompute
+    finds the same dtypes. ``train()`` runs its steps and evaluations that way."""
+    quant = Quantization(mode="none", compute_dtype="bfloat16")
+    backend = dispatch_backend(quant, use_gpu=False)
+    model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), quant, backend)
+    model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True, four_bit=False)
+    torch.manual_seed(0)
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would leave every A without a gradient
+            torch.nn.init.normal_(weight, std=0.02)
+    model.train()
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    seen = _adapter_input_dtypes(model)
+
+    def loss_and_gradients(mixed: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        if mixed:
+            with adapter_inputs_uncast(model):
+                with adapter_autocast(model):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        return loss.detach().float(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    peft_loss, peft_grads = loss_and_gradients(mixed=False)
+    assert set(seen) == {torch.float32}  # peft's own cast: the matmuls this avoids
+    seen.clear()
+    loss, grads = loss_and_gradients(mixed=True)
+    assert set(seen) == {torch.bfloat16}
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert torch.allclose(loss, peft_loss, rtol=2e-2)
+    for mixed_grad, peft_grad in zip(grads, peft_grads, strict=True):
+        assert torch.nn.functional.cosine_similarity(mixed_grad.flatten(), peft_grad.flatten(), dim=0) > 0.99
+
+    examples = [TokenizedExample(input_ids=ids[0].tolist(), labels=ids[0].tolist())] * 4
+    cfg = Training(max_steps=2, micro_batch_size=2, max_seq_len=32, eval_every=1, checkpoint_every=10**6,
+                   max_eval_examples=2, gradient_checkpointing=True)
+    optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
+    seen.clear()
+    state = train(model, optimizer, scheduler, Shard(examples, examples[:2], rank=0, world_size=1), cfg,
+                  TrainState(), lambda *a: None, pad_id=0, device=backend.device)
+    assert state.step == 2 and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    seen.clear()
+    model(input_ids=ids, labels=ids)  # outside train(): peft's casts again
+    assert set(seen) == {torch.float32}
 
 
 def _examples(lengths: list[int]) -> list[TokenizedExample]:
