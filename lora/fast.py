@@ -12,6 +12,7 @@ returns what it did, or why not, for ``run_info.json``'s ``kernels``; bench/SPEE
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -51,6 +52,15 @@ def use_fused_kernels(model: nn.Module, backend: Backend, block_kernels: bool = 
 
         version = installed_version("liger-kernel")
     return f"liger {version}" + ("" if block_kernels else " (fused loss only)")
+
+
+def fused_loss_in_evaluation(model: nn.Module) -> dict[str, bool]:
+    """What a forward in eval mode passes for Liger's fused loss to compute it there too: Liger's forward fuses the
+    loss only in training mode by default (``skip_logits = self.training``) and otherwise makes the logits and the
+    plain loss upcasts them to float32: 16k tokens of a 128k vocabulary are 4 GiB in bf16 and 8 GiB more in float32,
+    far above a training step's peak. Empty for a model without Liger's forward."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"skip_logits": True} if "skip_logits" in inspect.signature(causal_lm.forward).parameters else {}
 
 
 def compile_decoder_layers(model: nn.Module, backend: Backend) -> str:

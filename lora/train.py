@@ -22,6 +22,7 @@ from torch import nn
 
 from lora.config import Training
 from lora.data import LabelledExample, TokenizedExample, collate, collate_packed, epoch_order
+from lora.fast import fused_loss_in_evaluation
 
 STATE_FILE = "trainer_state.pt"
 LENGTH_GROUP_WINDOW = 16
@@ -297,6 +298,7 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
+    fused_loss = {} if classify else fused_loss_in_evaluation(model)
     with adapter_autocast(model):  # no weight changes inside: one context for all forwards
         for index, rows in enumerate(plan):
             batch = {k: v.to(device) for k, v in batching.collate([[examples[i] for i in row] for row in rows],
@@ -312,7 +314,7 @@ def evaluate(
                 count += len(targets)
             else:
                 targets = (batch["labels"][:, 1:] != -100).sum()
-                loss_sum += model(**batch).loss.double() * targets
+                loss_sum += model(**batch, **fused_loss).loss.double() * targets
                 count += targets
     loss_sum, count, correct = all_ranks(torch.stack([loss_sum, count, correct]))
     model.train(was_training)

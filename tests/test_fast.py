@@ -2,6 +2,7 @@
 same examples). The CUDA side (Liger kernels, compiled blocks and offloaded checkpoints against the plain step) is in
 tests/test_gpu.py."""
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -119,6 +120,31 @@ def test_a_bfloat16_base_runs_its_adapter_in_bfloat16_and_keeps_float32_weights(
     seen.clear()
     model(input_ids=ids, labels=ids)  # outside train(): peft's casts again
     assert set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize("settings", [{"variant": "dora"}, {"init": "pissa"}, {"dropout": 0.1},
+                                      {"method": "adapter_layers"}, {"method": "full"}],
+                         ids=lambda settings: "-".join(f"{k}={v}" for k, v in settings.items()))
+def test_every_method_trains_on_a_bfloat16_base_under_adapter_autocast(tiny_model_dir, settings):
+    """The bf16 adapter matmuls of train() (autocast, peft's input casts off) with each way of training: no dtype
+    clash in the forward or in gradient checkpointing's recompute, finite losses, trained weights still float32."""
+    from lora.model import prepare_trainable
+
+    quant = Quantization(mode="none", compute_dtype="bfloat16")
+    backend = dispatch_backend(quant, use_gpu=False)
+    model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), quant, backend)
+    model = prepare_trainable(model, LoraSettings(r=4, **settings), gradient_checkpointing=True, four_bit=False)
+    ids = torch.randint(0, 1000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    examples = [TokenizedExample(input_ids=ids, labels=ids)] * 4
+    cfg = Training(max_steps=2, micro_batch_size=2, max_seq_len=32, eval_every=1, checkpoint_every=10**6,
+                   max_eval_examples=2, gradient_checkpointing=True)
+    optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
+    state = train(model, optimizer, scheduler, Shard(examples, examples[:2], rank=0, world_size=1), cfg,
+                  TrainState(), lambda *a: None, pad_id=0, device=backend.device)
+    assert state.step == 2
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["eval_loss"]) for h in state.history[1:])
+    if settings.get("method") != "full":  # adapters are float32; a base trained whole keeps its own dtype
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
 def _examples(lengths: list[int]) -> list[TokenizedExample]:
