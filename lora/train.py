@@ -345,7 +345,7 @@ def adapter_autocast(model: nn.Module) -> contextlib.AbstractContextManager:
     those were ~50 ms of a 225 ms step as non-tensor-core GEMMs, plus the casts (bench/SPEED_NOTES.md, section 6).
     Only the forward: autocast caches the weights' casts until it exits, and the optimizer changes them. float16
     bases keep float32 adapter matmuls (float16 gradients would need loss scaling)."""
-    if peft_base_dtype(model) != torch.bfloat16:
+    if base_compute_dtype(model) != torch.bfloat16:
         return contextlib.nullcontext()
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
@@ -357,11 +357,11 @@ def adapter_inputs_uncast(model: nn.Module):
     gradient checkpointing recomputes the forward during backward and must find the same dtypes."""
     from peft.helpers import disable_input_dtype_casting
 
-    with disable_input_dtype_casting(model, active=peft_base_dtype(model) == torch.bfloat16):
+    with disable_input_dtype_casting(model, active=base_compute_dtype(model) == torch.bfloat16):
         yield
 
 
-def peft_base_dtype(model: nn.Module) -> torch.dtype:
+def base_compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the base computes in: its input embeddings' (a 4-bit base keeps those unquantized)."""
     return getattr(model, "module", model).get_input_embeddings().weight.dtype
 
