@@ -97,8 +97,13 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
     step_peak: list[int] = []  # the peak from loading to the warm-up's end; then the timed steps' own
 
     started = time.perf_counter()
-    state = train(model, optimizer, scheduler, shard, cfg, TrainState(), lambda *a: None,
-                  pad_id=0, device=backend.device, progress=progress)
+    try:
+        state = train(model, optimizer, scheduler, shard, cfg, TrainState(), lambda *a: None,
+                      pad_id=0, device=backend.device, progress=progress)
+    except BaseException as error:
+        if profiled:  # stop recording: the next row must not inherit it (its memory replay would hold this row's)
+            profiled.__exit__(type(error), error, error.__traceback__)
+        raise
     seconds = stamps[WARMUP + steps] - stamps[WARMUP]
     trainable, _ = parameter_counts(model)
     result = dict(system=system, path=path.name, quant=quant, bs=batch, seq=seq,

@@ -42,20 +42,27 @@ class StepProfile:
     def __init__(self, folder: Path, kernels: bool = True, memory: bool = True) -> None:
         self.folder, self.kernels, self.memory = folder, kernels, memory
         self.steps = 1
+        self.recording = False
 
     def __enter__(self) -> StepProfile:
         self.folder.mkdir(parents=True, exist_ok=True)
         torch.cuda.synchronize()
         if self.memory:
             torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
-        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                        torch.profiler.ProfilerActivity.CUDA])
         if self.kernels:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                            torch.profiler.ProfilerActivity.CUDA])
             self.profiler.__enter__()
+        self.recording = True
         self.started = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Stops recording; writes the summary when the steps ended without an exception. A second call does
+        nothing (a failed step's caller stops it, so the next row does not inherit the allocator's recording)."""
+        if not self.recording:
+            return
+        self.recording = False
         torch.cuda.synchronize()
         wall = time.perf_counter() - self.started
         parts = []
