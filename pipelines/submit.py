@@ -46,6 +46,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKING_DIR_EXCLUDES = [".?*", "__pycache__", "*.egg-info", "build", "dist", "runs"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+AGENT_WAIT_S = 60.0
+"""How long ``submit`` waits for a head's job agent: a head started seconds ago answers "No available agent to submit
+job, please try again later" until its dashboard agent is up."""
 
 
 @dataclass
@@ -88,7 +91,8 @@ def run(
         echo(note + "\n")
     domain_args = [arg for name in domains or [] for arg in ("--domain", name)]
     entrypoint = shlex.join(["loramill", "run", config_in_job, *pins, *overrides, *domain_args])
-    job_id = client.submit_job(
+    job_id = submit_when_an_agent_answers(
+        client,
         entrypoint=entrypoint,
         runtime_env={"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES},
         metadata={"loramill_config": config_in_job},
@@ -101,6 +105,19 @@ def run(
         info = _final_info(client, job_id)
         submission.status, submission.message = str(info.status), info.message
     return submission
+
+
+def submit_when_an_agent_answers(client: JobSubmissionClient, wait_s: float = AGENT_WAIT_S, **job: object) -> str:
+    """``client.submit_job(**job)``, tried again each second for up to ``wait_s`` while the head says it has no job
+    agent yet (Ray's own advice in that error); any other error, or the wait's end, raises it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as error:
+            if "No available agent to submit job" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
 
 
 def head_is_local(address: str) -> bool:

@@ -178,6 +178,33 @@ def test_submit_runs_the_pipeline_as_a_ray_job_shows_no_credential_and_fails_wit
         failed.output
 
 
+def test_submit_waits_for_a_head_whose_job_agent_is_not_up_yet():
+    """A head started seconds ago refuses jobs with Ray's "No available agent to submit job, please try again later"
+    (seen in CI against a fresh local head). Submitting tries again until the agent answers; other errors, and the
+    same one after the wait, go to the user. The condition depends on timing, so a client that answers as such a
+    head does stands in for it; the real head is the job test above."""
+    class JustStartedHead:
+        def __init__(self, refusals: int, error: str = "Request failed with status code 500: No available agent to "
+                                                      "submit job, please try again later..") -> None:
+            self.refusals, self.error, self.calls = refusals, error, []
+
+        def submit_job(self, **job):
+            self.calls.append(job)
+            if len(self.calls) <= self.refusals:
+                raise RuntimeError(self.error)
+            return job["submission_id"]
+
+    head = JustStartedHead(refusals=2)
+    assert submit.submit_when_an_agent_answers(head, entrypoint="loramill run c.yaml", submission_id="j1") == "j1"
+    assert len(head.calls) == 3 and all(call["submission_id"] == "j1" for call in head.calls)
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submit.submit_when_an_agent_answers(JustStartedHead(refusals=10**6), wait_s=1.5, submission_id="j2")
+    other = JustStartedHead(refusals=1, error="Request failed with status code 400: bad runtime_env")
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        submit.submit_when_an_agent_answers(other, submission_id="j3")
+    assert len(other.calls) == 1
+
+
 def test_submit_refuses_what_would_fail_on_the_cluster(tiny_config_file, tmp_path):
     config = tiny_config_file()
     elsewhere = tmp_path / "elsewhere"
