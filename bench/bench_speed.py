@@ -48,6 +48,8 @@ LORAMILL_SYSTEMS = {
     # torch.compile does not trace) and each block compiled
     "loramill": ("liger-loss", "compile"),
     "loramill-offload": ("liger-loss", "compile", "offload"),  # with train.offload_checkpoints
+    # the compiled blocks' 4-bit matmuls through bitsandbytes' own op, as before lora/nf4.py
+    "loramill-bnb-matmul": ("liger-loss", "compile", "bnb-matmul"),
 }
 
 
@@ -67,7 +69,7 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
                    max_eval_examples=1, fused_kernels=fused, group_by_length=False)
     model = prepare_trainable(model, lora, cfg.gradient_checkpointing, backend.four_bit)
     if "compile" in routes:
-        kernels.append(compile_decoder_layers(model, backend))
+        kernels.append(compile_decoder_layers(model, backend, four_bit_as_torch_ops="bnb-matmul" not in routes))
     if "offload" in routes:
         kernels.append(offload_checkpointed_inputs(model, backend))
     vocab = model.config.vocab_size

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lora.model import Backend
+from lora.nf4 import linear_4bit_as_torch_ops
 
 LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True,
                  "cross_entropy": False}
@@ -63,10 +64,12 @@ def fused_loss_in_evaluation(model: nn.Module) -> dict[str, bool]:
     return {"skip_logits": True} if "skip_logits" in inspect.signature(causal_lm.forward).parameters else {}
 
 
-def compile_decoder_layers(model: nn.Module, backend: Backend) -> str:
+def compile_decoder_layers(model: nn.Module, backend: Backend, four_bit_as_torch_ops: bool = True) -> str:
     """torch.compile each transformer block (after LoRA is applied): one graph for all blocks of a shape, so the
     LoRA update's scale-and-add, the residual adds and what Liger leaves unfused become fewer kernels. The blocks'
-    gradient checkpointing stays outside the compiled region.
+    gradient checkpointing stays outside the compiled region. The blocks' 4-bit layers dequantize through torch ops
+    (``lora/nf4.py``) that the graph fuses, unless ``four_bit_as_torch_ops`` is false (bitsandbytes' own op, called
+    from the graph: the bench's comparison row).
 
     Returns what was done, for the run's record, or why nothing was."""
     if backend.device.type != "cuda":
@@ -74,9 +77,19 @@ def compile_decoder_layers(model: nn.Module, backend: Backend) -> str:
     blocks = transformer_blocks(model)
     if not blocks:
         return "none: the model has no transformer blocks transformers can checkpoint"
+    four_bit = _linear_4bit_layers(blocks) if four_bit_as_torch_ops and backend.four_bit else []
+    for layer in four_bit:
+        linear_4bit_as_torch_ops(layer)
     for block in blocks:
         block.compile()
-    return f"torch.compile of {len(blocks)} blocks"
+    return f"torch.compile of {len(blocks)} blocks" + (f" (their {len(four_bit)} 4-bit layers dequantized by torch ops)"
+                                                        if four_bit else "")
+
+
+def _linear_4bit_layers(blocks: list[nn.Module]) -> list[nn.Module]:
+    import bitsandbytes as bnb
+
+    return [m for block in blocks for m in block.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

@@ -14,6 +14,7 @@ import lora.fast
 from lora.config import LoraSettings, ModelSource, Quantization, load_config
 from lora.data import TokenizedExample, load_examples
 from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels
+from lora.nf4 import dequantize_nf4, linear_4bit_as_torch_ops
 from lora.model import apply_lora, dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
 from lora.config import Training
 from lora.train import Batching, Shard, TrainState, adapter_autocast, adapter_inputs_uncast, build_optimizer, train
@@ -58,6 +59,71 @@ def test_a_checkpointed_blocks_input_goes_to_the_host_and_nothing_inside_it_does
     assert (4, 8) in moved  # the block's input
     assert not {(16, 8), (8, 16), (4, 16)} & set(moved)  # weights and activations inside the block stay
     assert all(torch.equal(a, b) for a, b in zip(plain, offloaded, strict=True))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_4bit_weight_dequantized_by_torch_ops_is_bitsandbytes_bit_for_bit(double_quant):
+    """lora/nf4.py's arithmetic (what the compiled blocks fuse on CUDA) against bitsandbytes' own dequantization, on
+    shapes whose element count is not a multiple of the block size nor of 256 blocks (the absmaxes' outer blocks)."""
+    import bitsandbytes as bnb
+    from bitsandbytes import functional as bnb_functional
+
+    generator = torch.Generator().manual_seed(0)
+    for out_features, in_features in ((200, 320), (130, 70)):
+        weight = 3 * torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+        packed = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
+                                   compress_statistics=double_quant).to("cpu")  # quantized on the move
+        state = packed.quant_state
+        assert state.nested == double_quant
+        expected = bnb_functional.dequantize_4bit(packed.data, state)
+        assert torch.equal(dequantize_nf4(packed.data, state, torch.bfloat16), expected)
+        assert not torch.equal(expected, weight)  # 4 bits lost something: the check compares dequantizations
+
+
+def test_4bit_layers_as_torch_ops_give_bitsandbytes_loss_and_gradients_in_one_graph_for_all_blocks(tiny_model_dir):
+    """A 4-bit LoRA model whose blocks' 4-bit layers compute through torch ops: the same loss and LoRA gradients as
+    bitsandbytes' op (float tolerance: bitsandbytes' backward rounds the weight to its stored dtype first), the
+    layers still ``Linear4bit``s; torch.compile traces both blocks as one graph (dynamo guards on each layer's class,
+    one class per original class), which CPU checks without a compiler through the ``aot_eager`` backend."""
+    import bitsandbytes as bnb
+
+    backend = dispatch_backend(Quantization(), use_gpu=False)
+    model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), Quantization(), backend)
+    model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True, four_bit=True)
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would leave every A without a gradient
+            torch.nn.init.normal_(weight, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+    model.train()
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_gradients() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    bnb_loss, bnb_grads = loss_and_gradients()
+    blocks = lora.fast.transformer_blocks(model)
+    layers = [m for block in blocks for m in block.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14  # 7 projections, 2 blocks
+    for layer in layers:
+        linear_4bit_as_torch_ops(layer)
+    assert all(isinstance(layer, bnb.nn.Linear4bit) for layer in layers)
+    assert len({type(layer) for layer in layers}) == 1
+    loss, grads = loss_and_gradients()
+    assert torch.allclose(loss, bnb_loss, rtol=1e-5)
+    for grad, bnb_grad in zip(grads, bnb_grads, strict=True):
+        assert torch.allclose(grad, bnb_grad, rtol=1e-3, atol=1e-6)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for block in blocks:
+        block.compile(backend="aot_eager", fullgraph=True)
+    compiled_loss, compiled_grads = loss_and_gradients()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.allclose(compiled_loss, loss, rtol=1e-5)
+    for grad, eager_grad in zip(compiled_grads, grads, strict=True):
+        assert torch.allclose(grad, eager_grad, rtol=1e-3, atol=1e-6)
 
 
 def _adapter_input_dtypes(model: torch.nn.Module) -> list[torch.dtype]:

@@ -42,21 +42,23 @@ def test_one_gpu_ray_train_run(ray_cluster, tiny_config_file):
     # No train.batch_tokens in the config: the budget is the GPU default, and the line under the table says so.
     assert info["batching"].startswith("packed: ") and "the GPU default" in info["batching"]
     # The GPU defaults: Liger's fused loss, each block compiled (tests/test_fast.py: neither on CPU)
-    assert info["kernels"].endswith("(fused loss only); torch.compile of 2 blocks"), info["kernels"]
+    assert info["kernels"].endswith("(fused loss only); torch.compile of 2 blocks (their 14 4-bit layers dequantized "
+                                    "by torch ops)"), info["kernels"]
     shown = " ".join(result.output.split())  # the caption wraps at the table's width
     assert "legal batching: packed: " in shown and "train.micro_batch_size is not used" in shown
 
 
 def _loss_and_lora_grads(model_dir, fused: bool, compiled: bool = False, offloaded: bool = False,
+                         four_bit: bool = False, four_bit_as_torch_ops: bool = True,
                          ) -> tuple[str, torch.Tensor, dict[str, torch.Tensor]]:
-    quant = Quantization(mode="none")
+    quant = Quantization(mode="nf4" if four_bit else "none")
     backend = dispatch_backend(quant, use_gpu=True)
     model = load_base_model(model_dir, ModelSource(id=str(model_dir)), quant, backend)
     kernels = use_fused_kernels(model, backend) if fused else "none"
     torch.manual_seed(0)
-    model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True, four_bit=False)
+    model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True, four_bit=four_bit)
     if compiled:
-        kernels = compile_decoder_layers(model, backend)
+        kernels = compile_decoder_layers(model, backend, four_bit_as_torch_ops)
     if offloaded:
         kernels = offload_checkpointed_inputs(model, backend)
     for name, p in model.named_parameters():
@@ -93,6 +95,34 @@ def test_compiled_blocks_and_offloaded_checkpoints_match_the_eager_step(tiny_mod
         for name, grad in grads.items():
             error = (grad - eager_grads[name]).norm() / eager_grads[name].norm()
             assert error < 0.05, f"{route} {name}: relative gradient difference {error:.3f} (bf16 compute)"
+
+
+def test_compiled_4bit_blocks_dequantize_as_bitsandbytes_does(tiny_model_dir):
+    """The compiled blocks' 4-bit layers through torch ops (lora/nf4.py): each weight bit for bit what bitsandbytes'
+    CUDA kernel dequantizes, and the step's loss and LoRA gradients those of bitsandbytes' own op in the same graph
+    and of the eager step."""
+    from bitsandbytes import functional as bnb_functional
+
+    from lora.nf4 import dequantize_nf4
+
+    backend = dispatch_backend(Quantization(), use_gpu=True)
+    model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), Quantization(), backend)
+    [layer, *_] = [m for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
+    state = layer.weight.quant_state
+    assert state.nested  # double quantization, loramill's default: the absmaxes dequantized too
+    assert torch.equal(dequantize_nf4(layer.weight.data, state, torch.bfloat16),
+                       bnb_functional.dequantize_4bit(layer.weight.data, state).to(torch.bfloat16))
+
+    _, eager_loss, eager_grads = _loss_and_lora_grads(tiny_model_dir, fused=False, four_bit=True)
+    runs = {ops: _loss_and_lora_grads(tiny_model_dir, fused=False, compiled=True, four_bit=True,
+                                      four_bit_as_torch_ops=ops) for ops in (False, True)}
+    assert runs[True][0] == "torch.compile of 2 blocks (their 14 4-bit layers dequantized by torch ops)"
+    assert runs[False][0] == "torch.compile of 2 blocks"
+    for loss, grads in (runs[True][1:], runs[False][1:]):
+        assert torch.allclose(loss, eager_loss, rtol=1e-2), (loss, eager_loss)
+        for name, grad in grads.items():
+            error = (grad - eager_grads[name]).norm() / eager_grads[name].norm()
+            assert error < 0.05, f"{name}: relative gradient difference {error:.3f} (bf16 compute)"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -1,0 +1,81 @@
+"""A 4-bit layer's weight dequantized by plain torch ops, so that torch.compile fuses it into the block's graph.
+
+bitsandbytes' own path for a training-shaped matmul is a custom op implemented in Python (dequantize through a
+ctypes call, then ``F.linear``), opaque to the compiler: each of the 224 4-bit matmuls of a 1B Llama's step (forward
+and checkpoint recompute) and each backward dequantize costs the host tens of microseconds, and the 1B QLoRA step
+was bound by the host (GPU busy half the time; bench/SPEED_NOTES.md section 6). Written as torch ops, the same
+arithmetic becomes one generated kernel per weight inside the compiled block, launched from its graph.
+
+The arithmetic is bitsandbytes' (``backends/default/ops.py``): two 4-bit codes a byte, the first in the high nibble;
+each code looks up the NF4 table and is scaled by its block's absmax, in float32, then rounded to the compute dtype.
+With double quantization the absmaxes are themselves 8-bit codes of a 256-entry table, scaled per 256 blocks and
+shifted by an offset. tests/test_fast.py checks the result bit for bit against ``bitsandbytes.functional``.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def dequantize_nf4(codes: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The weight (``quant_state.shape``, in ``dtype``) that bitsandbytes' ``dequantize_4bit`` returns."""
+    count = quant_state.shape.numel()
+    packed = codes.reshape(-1).view(torch.uint8)
+    indices = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1)[:count]
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        outer = quant_state.state2
+        absmax = _blockwise(outer.code[absmax.long()], outer.absmax, outer.blocksize) + quant_state.offset
+    weight = _blockwise(quant_state.code[indices.long()], absmax.float(), quant_state.blocksize)
+    return weight.reshape(quant_state.shape).to(dtype)
+
+
+def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    block = torch.arange(values.numel(), device=values.device) // blocksize
+    return values * scales[block]
+
+
+class _Linear4bitFunction(torch.autograd.Function):
+    """``x @ W.T`` with W dequantized again for the backward rather than saved: a saved bf16 copy of every weight
+    of the block being recomputed would undo what 4 bits save."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, codes: torch.Tensor, quant_state) -> torch.Tensor:
+        ctx.save_for_backward(codes)
+        ctx.quant_state = quant_state
+        return F.linear(x, dequantize_nf4(codes, quant_state, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (codes,) = ctx.saved_tensors
+        return grad_output @ dequantize_nf4(codes, ctx.quant_state, grad_output.dtype), None, None
+
+
+def linear_4bit_as_torch_ops(layer: nn.Module) -> None:
+    """Make ``layer`` (a bitsandbytes ``Linear4bit``, frozen) compute through ``dequantize_nf4``: the same outputs,
+    for torch.compile to fuse. It stays a ``Linear4bit`` (its class becomes a subclass), with the same weights."""
+    if not isinstance(layer, TorchOpsLinear4bit):
+        layer.__class__ = _as_torch_ops(type(layer))
+
+
+@cache
+def _as_torch_ops(linear_4bit: type) -> type:
+    # One class per original class: torch.compile guards on a module's type, and a class per layer would make each
+    # block a graph of its own.
+    return type(f"{linear_4bit.__name__}AsTorchOps", (TorchOpsLinear4bit, linear_4bit), {})
+
+
+class TorchOpsLinear4bit(nn.Module):
+    """Mixed in before a ``Linear4bit`` class by ``linear_4bit_as_torch_ops``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.to(self.compute_dtype or input_dtype)
+        out = _Linear4bitFunction.apply(x, self.weight.data, self.weight.quant_state)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(input_dtype)
