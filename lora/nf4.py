@@ -19,6 +19,7 @@ from functools import cache
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def dequantize_nf4(codes: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -37,22 +38,6 @@ def dequantize_nf4(codes: torch.Tensor, quant_state, dtype: torch.dtype) -> torc
 def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
     block = torch.arange(values.numel(), device=values.device) // blocksize
     return values * scales[block]
-
-
-class _Linear4bitFunction(torch.autograd.Function):
-    """``x @ W.T`` with W dequantized again for the backward rather than saved: a saved bf16 copy of every weight
-    of the block being recomputed would undo what 4 bits save."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, codes: torch.Tensor, quant_state) -> torch.Tensor:
-        ctx.save_for_backward(codes)
-        ctx.quant_state = quant_state
-        return F.linear(x, dequantize_nf4(codes, quant_state, x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        (codes,) = ctx.saved_tensors
-        return grad_output @ dequantize_nf4(codes, ctx.quant_state, grad_output.dtype), None, None
 
 
 def linear_4bit_as_torch_ops(layer: nn.Module) -> None:
@@ -75,7 +60,13 @@ class TorchOpsLinear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
         x = x.to(self.compute_dtype or input_dtype)
-        out = _Linear4bitFunction.apply(x, self.weight.data, self.weight.quant_state)
+        out = F.linear(x, _dequantized(self.weight.data, self.weight.quant_state, x.dtype))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(input_dtype)
+
+
+def _dequantized(codes: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    # Inside a compiled graph the partitioner would keep each dequantized weight from the forward for the backward's
+    # matmul (a bf16 copy of every 4-bit weight of the block being recomputed); checkpointed, it recomputes it there.
+    return checkpoint(dequantize_nf4, codes, quant_state, dtype, use_reentrant=False)

@@ -126,6 +126,34 @@ def test_4bit_layers_as_torch_ops_give_bitsandbytes_loss_and_gradients_in_one_gr
         assert torch.allclose(grad, eager_grad, rtol=1e-3, atol=1e-6)
 
 
+def test_a_compiled_4bit_layer_keeps_no_dequantized_weight_for_its_backward():
+    """What a compiled block's graph saves for the backward pass of a 4-bit layer through torch ops: its input and
+    the 4-bit codes with their scales, never the dequantized bf16 weight (8 x the 4-bit size; inductor's partitioner
+    would keep it, as the backward's matmul needs it, were the dequantization not checkpointed)."""
+    import bitsandbytes as bnb
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def forward_compiler(graph, _inputs):
+        [output] = [node for node in graph.graph.nodes if node.op == "output"]
+        saved.extend((tuple(n.meta["val"].shape), n.meta["val"].dtype) for n in output.args[0][1:])
+        return make_boxed_func(graph.forward)
+
+    layer = bnb.nn.Linear4bit(512, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to("cpu")
+    linear_4bit_as_torch_ops(layer)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=aot_autograd(
+        fw_compiler=forward_compiler, bw_compiler=lambda graph, _inputs: make_boxed_func(graph.forward),
+        partition_fn=min_cut_rematerialization_partition))  # inductor's partitioner
+    x = torch.randn(4, 512, dtype=torch.bfloat16, requires_grad=True)
+    compiled(x).float().sum().backward()
+    assert x.grad is not None and saved
+    assert (1024, 512) not in [shape for shape, _ in saved]
+    assert max(math.prod(shape) * dtype.itemsize for shape, dtype in saved) <= 512 * 1024 // 2  # the codes
+
+
 def _adapter_input_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
     """The dtypes every LoRA A matrix is fed from now on (a forward hook on each)."""
     seen: list[torch.dtype] = []
