@@ -36,8 +36,11 @@ def dequantize_nf4(codes: torch.Tensor, quant_state, dtype: torch.dtype) -> torc
 
 
 def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
-    block = torch.arange(values.numel(), device=values.device) // blocksize
-    return values * scales[block]
+    # Broadcast, not a gathered block index: an index tensor would be one more input every layer's dequantization
+    # reads, and inductor fuses kernels that share reads, which would make a block's weights exist all at once.
+    count = values.numel()
+    blocks = F.pad(values, (0, -count % blocksize)).view(-1, blocksize)
+    return (blocks * scales.view(-1, 1)).view(-1)[:count]
 
 
 def linear_4bit_as_torch_ops(layer: nn.Module) -> None:
