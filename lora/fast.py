@@ -89,7 +89,8 @@ def compile_decoder_layers(model: nn.Module, backend: Backend, four_bit_as_torch
 def _linear_4bit_layers(blocks: list[nn.Module]) -> list[nn.Module]:
     import bitsandbytes as bnb
 
-    return [m for block in blocks for m in block.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    return [m for block in blocks for m in block.modules()
+            if isinstance(m, bnb.nn.Linear4bit) and m.weight.quant_state.quant_type == "nf4"]
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

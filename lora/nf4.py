@@ -2,7 +2,7 @@
 
 bitsandbytes' own path for a training-shaped matmul is a custom op implemented in Python (dequantize through a
 ctypes call, then ``F.linear``), opaque to the compiler: each of the 224 4-bit matmuls of a 1B Llama's step (forward
-and checkpoint recompute) and each backward dequantize costs the host tens of microseconds, and the 1B QLoRA step
+and checkpoint recompute) and each dequantization of its backward costs the host tens of microseconds, and the 1B QLoRA step
 was bound by the host (GPU busy half the time; bench/SPEED_NOTES.md section 6). Written as torch ops, the same
 arithmetic becomes one generated kernel per weight inside the compiled block, launched from its graph.
 
