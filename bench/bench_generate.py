@@ -155,7 +155,7 @@ def build_adapter(source: ModelSource, lora: LoraSettings, folder: Path) -> None
     quant = Quantization(mode="none", compute_dtype="float32")
     model = load_base_model(resolve_model_dir(source), source, quant, dispatch_backend(quant, use_gpu=False))
     torch.manual_seed(0)
-    model = apply_lora(model, lora, gradient_checkpointing=False, four_bit=False)
+    model = apply_lora(model, lora, gradient_checkpointing=False)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

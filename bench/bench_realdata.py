@@ -66,7 +66,7 @@ def run_row(base, backend, examples, batching: str, size: int, steps: int, compi
                    gradient_checkpointing=True, eval_every=10**6, checkpoint_every=10**6, max_eval_examples=1,
                    group_by_length=True, **budget)
     lora = LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
-    model = prepare_trainable(base, lora, cfg.gradient_checkpointing, backend.four_bit)
+    model = prepare_trainable(base, lora, cfg.gradient_checkpointing)
     if compile_blocks:
         compile_decoder_layers(model, backend)
     shard = Shard(examples, examples[:1], rank=0, world_size=1)

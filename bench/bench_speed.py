@@ -67,7 +67,7 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
     cfg = Training(max_steps=WARMUP + steps, learning_rate=1e-4, lr_schedule="constant", micro_batch_size=batch,
                    max_seq_len=seq, gradient_checkpointing=True, eval_every=10**6, checkpoint_every=10**6,
                    max_eval_examples=1, fused_kernels=fused, group_by_length=False)
-    model = prepare_trainable(model, lora, cfg.gradient_checkpointing, backend.four_bit)
+    model = prepare_trainable(model, lora, cfg.gradient_checkpointing)
     if "compile" in routes:
         kernels.append(compile_decoder_layers(model, backend, four_bit_as_torch_ops="bnb-matmul" not in routes))
     if "offload" in routes:

@@ -9,6 +9,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import logging
 import os
 import sys
 import warnings
@@ -229,6 +230,10 @@ def check_bitsandbytes(load: bool = True) -> None:
     cost 5 s (2-core CPU) to 10 s (GPU node) a command; the workers, which use it, import it and find a broken one."""
     try:
         if load:
+            # On CPUs with AVX512-BF16 bitsandbytes warns at import that it cannot fetch its CPU inference kernel from
+            # the Hugging Face hub (the `kernels` package): a kernel for the repacked layout that no_cpu_repacking
+            # turns off, for every base loramill loads. Users would read it as something to install.
+            logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
             import bitsandbytes
 
             version = bitsandbytes.__version__
@@ -298,6 +303,8 @@ def load_base_model(model_dir: Path | str, source: ModelSource, quant: Quantizat
         **task_options,
     )
     model.config.use_cache = False
+    if backend.four_bit:
+        no_cpu_repacking(model)
     return model
 
 
@@ -336,14 +343,13 @@ def target_linear_layers(model: nn.Module, lora: LoraSettings) -> list[tuple[str
     return layers
 
 
-def prepare_trainable(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool,
-                      four_bit: bool) -> nn.Module:
+def prepare_trainable(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool) -> nn.Module:
     """What ``lora.method`` trains: a LoRA adapter (``apply_lora``), adapter layers (``apply_adapter_layers``), the
     last blocks and the head, or everything."""
     if lora.method == "lora":
-        return apply_lora(model, lora, gradient_checkpointing, four_bit)
+        return apply_lora(model, lora, gradient_checkpointing)
     if lora.method == "adapter_layers":
-        return apply_adapter_layers(model, lora, gradient_checkpointing, four_bit)
+        return apply_adapter_layers(model, lora, gradient_checkpointing)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora.method == "full":
@@ -361,15 +367,18 @@ def prepare_trainable(model: nn.Module, lora: LoraSettings, gradient_checkpointi
     return model
 
 
-def keep_4bit_layers_differentiable(model: nn.Module) -> None:
-    """Turn off bitsandbytes' CPU inference repacking in a model that is going to be trained.
+def no_cpu_repacking(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights, for every base loramill loads.
 
     On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight for its CPU inference kernel at the
-    first eval-mode forward, and from then on every forward, in train mode too, runs that kernel, which has no
-    backward: the gradient stops at every frozen 4-bit layer (torch only warns "gemv_4bit: an autograd kernel was
-    not registered"). Training evaluates the base at step 0 and then every ``eval_every`` steps, so after the first
-    evaluation the LoRA weights got the gradient of a different function. tests/test_model.py checks that
-    the gradients are the same before and after an evaluation.
+    first eval-mode forward, and from then on every forward, in train mode too, runs that kernel. Two things break:
+    (1) that kernel has no backward, so the gradient stops at every frozen 4-bit layer (torch only warns "gemv_4bit:
+    an autograd kernel was not registered"), and training evaluates the base at step 0; (2) peft's DoRA computes its
+    weight norm by dequantizing the base weight, which bitsandbytes then reads in the wrong layout: a DoRA adapter
+    loaded on a repacked base gave logits 0.14 away from the trained model's (on a scale of 1; 0 without repacking).
+    Without it, evaluation, serving and training all run the same dequantize-then-matmul path.
+    On a CPU with AVX512-BF16, tests/test_model.py (gradients before and after an evaluation) and tests/test_variants.py
+    (a DoRA adapter on 4 bits, reloaded) fail without it.
     """
     import bitsandbytes as bnb
 
@@ -393,7 +402,7 @@ def last_layer_modules(model: nn.Module, count: int) -> list[nn.Module]:
     return [*blocks[-count:], *poolers, head]
 
 
-def apply_lora(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool, four_bit: bool) -> nn.Module:
+def apply_lora(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool) -> nn.Module:
     """Wrap ``model`` with a trainable LoRA adapter; raises if the trainable count is not r*(in+out) summed (plus
     the classification head of a sequence classifier, which peft trains whole)."""
     from peft import LoraConfig as PeftLoraConfig
@@ -407,8 +416,6 @@ def apply_lora(model: nn.Module, lora: LoraSettings, gradient_checkpointing: boo
     # output head, norms) to float32, for fp16 stability. In bf16 that costs memory (4 GiB for an 8B model's
     # embeddings and head) and makes the head's matmul a float32 one, and buys nothing; on CPU the base is
     # float32 already. Freezing the base is get_peft_model's job.
-    if four_bit:
-        keep_4bit_layers_differentiable(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -441,8 +448,7 @@ def apply_lora(model: nn.Module, lora: LoraSettings, gradient_checkpointing: boo
     return model
 
 
-def apply_adapter_layers(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool,
-                         four_bit: bool) -> nn.Module:
+def apply_adapter_layers(model: nn.Module, lora: LoraSettings, gradient_checkpointing: bool) -> nn.Module:
     """Freeze ``model`` and hook identity-initialised bottleneck adapters of width ``lora.adapter_size`` after the
     attention and the MLP of every decoder block (``lora.bottleneck``); raises if the trainable count is not two
     bottlenecks per block."""
@@ -452,8 +458,6 @@ def apply_adapter_layers(model: nn.Module, lora: LoraSettings, gradient_checkpoi
         raise ConfigError(["lora.method: adapter_layers is for causal LMs; a classifier trains lora, last_layers "
                            "or full"])
     expected = expected_parameters(model, lora.adapter_size)
-    if four_bit:
-        keep_4bit_layers_differentiable(model)
     model.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -108,7 +108,7 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
                                          compile_blocks)
     kernels = [use_fused_kernels(model, backend, block_kernels=not compile_blocks) if cfg.train.fused_kernels
                else "none: train.fused_kernels=false"]
-    model = prepare_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
+    model = prepare_trainable(model, cfg.lora, cfg.train.gradient_checkpointing)
     trainable, total = parameter_counts(model)
     if sharded:
         _shard_base(model, backend.device, world_size)
@@ -345,7 +345,7 @@ def _give_back_base_model(key: tuple | None, model: torch.nn.Module) -> None:
     peft's ``unload()`` puts the original modules back (the same objects) and drops its ``peft_config``. A run
     changes the base in two more ways, undone here: train mode, and the input-grad hook that ``apply_lora`` adds for
     gradient checkpointing without 4-bit (it would add another). Its 4-bit weights stay as loaded: the run kept
-    bitsandbytes from repacking them (``keep_4bit_layers_differentiable``). tests/test_tune.py checks that a run on
+    bitsandbytes from repacking them (``no_cpu_repacking``). tests/test_tune.py checks that a run on
     a given-back base reproduces a fresh one exactly.
     """
     if key is None or sharded_root(model) is not None:

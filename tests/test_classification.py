@@ -83,7 +83,7 @@ def classifier_config(tmp_path, tiny_encoder_dir):
 def trainable_after(tiny_encoder_dir: Path, lora: LoraSettings) -> int:
     source, quant = ModelSource(id=str(tiny_encoder_dir)), Quantization(mode="none")
     model = load_base_model(tiny_encoder_dir, source, quant, dispatch_backend(quant, use_gpu=False), LABELS, 0)
-    model = prepare_trainable(model, lora, gradient_checkpointing=False, four_bit=False)
+    model = prepare_trainable(model, lora, gradient_checkpointing=False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -29,7 +29,7 @@ def test_fused_kernels_fall_back_on_cpu_and_leave_the_model_as_it_was(tiny_model
     before = model(input_ids=ids, labels=ids).loss
 
     assert use_fused_kernels(model, backend) == "none: Triton kernels need CUDA"
-    model = apply_lora(model, LoraSettings(r=4), gradient_checkpointing=True, four_bit=False)
+    model = apply_lora(model, LoraSettings(r=4), gradient_checkpointing=True)
     assert compile_decoder_layers(model, backend) == "none: compiled blocks are for CUDA"
     assert offload_checkpointed_inputs(model, backend) == "none: nothing to offload on CPU"
     with model.disable_adapter():
@@ -89,7 +89,7 @@ def test_4bit_layers_as_torch_ops_give_bitsandbytes_loss_and_gradients_in_one_gr
 
     backend = dispatch_backend(Quantization(), use_gpu=False)
     model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), Quantization(), backend)
-    model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True, four_bit=True)
+    model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True)
     for name, weight in model.named_parameters():
         if "lora_B" in name:  # B starts at zero, which would leave every A without a gradient
             torch.nn.init.normal_(weight, std=0.02, generator=torch.Generator().manual_seed(len(name)))
@@ -171,7 +171,7 @@ def test_a_bfloat16_base_runs_its_adapter_in_bfloat16_and_keeps_float32_weights(
     quant = Quantization(mode="none", compute_dtype="bfloat16")
     backend = dispatch_backend(quant, use_gpu=False)
     model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), quant, backend)
-    model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True, four_bit=False)
+    model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True)
     torch.manual_seed(0)
     for name, weight in model.named_parameters():
         if "lora_B" in name:  # B starts at zero, which would leave every A without a gradient
@@ -227,7 +227,7 @@ def test_every_method_trains_on_a_bfloat16_base_under_adapter_autocast(tiny_mode
     quant = Quantization(mode="none", compute_dtype="bfloat16")
     backend = dispatch_backend(quant, use_gpu=False)
     model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), quant, backend)
-    model = prepare_trainable(model, LoraSettings(r=4, **settings), gradient_checkpointing=True, four_bit=False)
+    model = prepare_trainable(model, LoraSettings(r=4, **settings), gradient_checkpointing=True)
     ids = torch.randint(0, 1000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     examples = [TokenizedExample(input_ids=ids, labels=ids)] * 4
     cfg = Training(max_steps=2, micro_batch_size=2, max_seq_len=32, eval_every=1, checkpoint_every=10**6,

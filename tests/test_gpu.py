@@ -21,7 +21,7 @@ def test_nf4_on_cuda_trains_in_bf16(tiny_model_dir):
     backend = dispatch_backend(Quantization(), use_gpu=True)
     assert backend.compute_dtype == torch.bfloat16 and backend.device.type == "cuda"
     model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), Quantization(), backend)
-    model = apply_lora(model, LoraSettings(r=4), gradient_checkpointing=True, four_bit=True)
+    model = apply_lora(model, LoraSettings(r=4), gradient_checkpointing=True)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     ids = torch.randint(0, 1000, (2, 32), device="cuda")
     loss = model(input_ids=ids, labels=ids).loss
@@ -56,7 +56,7 @@ def _loss_and_lora_grads(model_dir, fused: bool, compiled: bool = False, offload
     model = load_base_model(model_dir, ModelSource(id=str(model_dir)), quant, backend)
     kernels = use_fused_kernels(model, backend) if fused else "none"
     torch.manual_seed(0)
-    model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True, four_bit=four_bit)
+    model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True)
     if compiled:
         kernels = compile_decoder_layers(model, backend, four_bit_as_torch_ops)
     if offloaded:
@@ -157,7 +157,7 @@ def test_evaluation_with_the_fused_loss_never_makes_the_logits(tiny_model_dir):
         model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), quant, backend)
         if fused:
             assert use_fused_kernels(model, backend, block_kernels=False).startswith("liger ")
-        model = apply_lora(model, LoraSettings(r=4), gradient_checkpointing=True, four_bit=False)
+        model = apply_lora(model, LoraSettings(r=4), gradient_checkpointing=True)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()

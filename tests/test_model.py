@@ -28,7 +28,7 @@ def load(tiny_model_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.0), mode="nf4
     source, quant = ModelSource(id=str(tiny_model_dir)), Quantization(mode=mode)
     backend = dispatch_backend(quant, use_gpu=False)
     model = load_base_model(tiny_model_dir, source, quant, backend)
-    return apply_lora(model, lora, gradient_checkpointing=False, four_bit=backend.four_bit), backend
+    return apply_lora(model, lora, gradient_checkpointing=False), backend
 
 
 def test_nf4_base_is_really_4bit_on_cpu(tiny_model_dir):

@@ -31,8 +31,8 @@ def base(model_dir, mode="none"):
 
 def trainable(model_dir, lora, mode="none"):
     torch.manual_seed(0)
-    model, backend = base(model_dir, mode)
-    return prepare_trainable(model, lora, gradient_checkpointing=False, four_bit=backend.four_bit)
+    model, _ = base(model_dir, mode)
+    return prepare_trainable(model, lora, gradient_checkpointing=False)
 
 
 def train_steps(model, steps=3, loraplus_ratio=1.0):

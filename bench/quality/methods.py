@@ -147,7 +147,7 @@ def measure_row(row: str, args: argparse.Namespace) -> dict:
     if row == "full":  # lora.method=full is for classifiers in the config; the causal LM's own weights train here
         model.requires_grad_(True)
     else:
-        model = prepare_trainable(model, cfg.lora, cfg.train.gradient_checkpointing, backend.four_bit)
+        model = prepare_trainable(model, cfg.lora, cfg.train.gradient_checkpointing)
     trainable, _ = parameter_counts(model)
     shard = Shard(train_examples, eval_share(eval_examples, cfg.train.max_eval_examples, 0, 1), 0, 1)
     optimizer, scheduler = build_optimizer(model, cfg.train, total_steps(shard, cfg.train), cfg.lora.loraplus_ratio)
