@@ -14,8 +14,8 @@ import lora.fast
 from lora.config import LoraSettings, ModelSource, Quantization, load_config
 from lora.data import TokenizedExample, load_examples
 from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels
-from lora.nf4 import dequantize_nf4, linear_4bit_as_torch_ops
 from lora.model import apply_lora, dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
+from lora.nf4 import dequantize_nf4, linear_4bit_as_torch_ops
 from lora.config import Training
 from lora.train import Batching, Shard, TrainState, adapter_autocast, adapter_inputs_uncast, build_optimizer, train
 
@@ -127,9 +127,9 @@ def test_4bit_layers_as_torch_ops_give_bitsandbytes_loss_and_gradients_in_one_gr
 
 
 def test_a_compiled_4bit_layer_keeps_no_dequantized_weight_for_its_backward():
-    """What a compiled block's graph saves for the backward pass of a 4-bit layer through torch ops: its input and
-    the 4-bit codes with their scales, never the dequantized bf16 weight (8 x the 4-bit size; inductor's partitioner
-    would keep it, as the backward's matmul needs it, were the dequantization not checkpointed)."""
+    """What a compiled block's graph saves for the backward pass of a 4-bit layer through torch ops: the 4-bit codes
+    with their scales, never the dequantized bf16 weight (4 x the codes' size; inductor's partitioner would keep it,
+    as the backward's matmul needs it, were the dequantization not checkpointed)."""
     import bitsandbytes as bnb
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
