@@ -2,9 +2,9 @@
 
 bitsandbytes' own path for a training-shaped matmul is a custom op implemented in Python (dequantize through a
 ctypes call, then ``F.linear``), opaque to the compiler: each of the 224 4-bit matmuls of a 1B Llama's step (forward
-and checkpoint recompute) and each dequantization of its backward costs the host tens of microseconds, and the 1B QLoRA step
-was bound by the host (GPU busy half the time; bench/SPEED_NOTES.md section 6). Written as torch ops, the same
-arithmetic becomes one generated kernel per weight inside the compiled block, launched from its graph.
+and checkpoint recompute) and each dequantization of its backward costs the host tens of microseconds, and the 1B
+QLoRA step was bound by the host (GPU busy half the time; bench/SPEED_NOTES.md section 6). Written as torch ops,
+the same arithmetic becomes one generated kernel per weight inside the compiled block, launched from its graph.
 
 The arithmetic is bitsandbytes' (``backends/default/ops.py``): two 4-bit codes a byte, the first in the high nibble;
 each code looks up the NF4 table and is scaled by its block's absmax, in float32, then rounded to the compute dtype.
@@ -63,13 +63,11 @@ class TorchOpsLinear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
         x = x.to(self.compute_dtype or input_dtype)
-        out = F.linear(x, _dequantized(self.weight.data, self.weight.quant_state, x.dtype))
+        # Checkpointed: inside a compiled graph the partitioner would otherwise keep each dequantized weight from the
+        # forward for the backward's matmul (a bf16 copy of every 4-bit weight of the block being recomputed).
+        weight = checkpoint(dequantize_nf4, self.weight.data, self.weight.quant_state, x.dtype, use_reentrant=False)
+        out = F.linear(x, weight)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(input_dtype)
 
-
-def _dequantized(codes: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-    # Inside a compiled graph the partitioner would keep each dequantized weight from the forward for the backward's
-    # matmul (a bf16 copy of every 4-bit weight of the block being recomputed); checkpointed, it recomputes it there.
-    return checkpoint(dequantize_nf4, codes, quant_state, dtype, use_reentrant=False)
