@@ -34,7 +34,7 @@ from lora.data import TokenizedExample  # noqa: E402
 from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels  # noqa: E402
 from lora.model import dispatch_backend, load_base_model, parameter_counts, prepare_trainable  # noqa: E402
 from lora.train import Shard, TrainState, build_optimizer, train  # noqa: E402
-from step_profile import StepProfile  # noqa: E402
+from step_profile import MemoryPhases, StepProfile  # noqa: E402
 
 WARMUP = 3
 
@@ -54,7 +54,8 @@ LORAMILL_SYSTEMS = {
 
 
 def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, steps: int, r: int,
-                  profile: Path | None = None, profile_parts: tuple[bool, bool] = (True, True)) -> dict:
+                  profile: Path | None = None, profile_parts: tuple[bool, bool] = (True, True),
+                  memory_phases: bool = False) -> dict:
     torch.cuda.reset_peak_memory_stats()
     loading = time.perf_counter()
     quantization = Quantization(mode="nf4" if quant else "none")
@@ -81,6 +82,7 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
     shard = Shard(examples, examples[:1], rank=0, world_size=1)
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
     stamps: dict[int, float] = {}
+    phases = MemoryPhases(model, optimizer) if memory_phases else None
 
     profiled = StepProfile(profile, *profile_parts) if profile else None
 
@@ -114,6 +116,8 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
                   load_s=round(started - loading, 1), first_step_s=round(stamps[1] - started, 1),
                   trainable=trainable, step_s=round(seconds / steps, 3), kernels="; ".join(kernels),
                   last_train_loss=round(state.history[-1]["train_loss"], 4))
+    if phases:  # its hooks reset torch's peak counter, so the phases' peaks replace the run's
+        result |= dict(peak_gib="-", step_peak_gib="-", memory_phases=phases.line())
     print(json.dumps(result), flush=True)
     del model, optimizer, scheduler, state
     gc.collect()
@@ -134,6 +138,9 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None,
                         help="folder: profile each loramill row's timed steps (kernel time by kind, memory at the "
                              "peak) into DIR/SYSTEM-SHAPE-MODE/summary.md; those rows' tok/s are then the profiled steps'")
+    parser.add_argument("--memory-phases", action="store_true",
+                        help="report GPU memory at each loramill row's last step's phases (forward, backward, "
+                             "optimizer step): allocated as each starts and its peak")
     parser.add_argument("--profile-only", choices=["kernels", "memory"], default=None,
                         help="with --profile: record only the kernels, or only the allocator's history")
     args = parser.parse_args()
@@ -151,7 +158,8 @@ def main() -> None:
                     else:
                         profile = args.profile / f"{system}-{shape}-{mode}" if args.profile else None
                         parts = (args.profile_only != "memory", args.profile_only != "kernels")
-                        row = loramill_step(path, quant, system, 4, 2048, args.steps, 16, profile, parts)
+                        row = loramill_step(path, quant, system, 4, 2048, args.steps, 16, profile, parts,
+                                            args.memory_phases)
                 except Exception as e:  # one failing row (out of memory, a kernel) must not lose the others
                     row = dict(system=system, path=shape, quant=quant, error=f"{type(e).__name__}: {e}"[:300])
                     print(json.dumps(row), flush=True)
@@ -176,10 +184,13 @@ def markdown(rows: list[dict]) -> str:
             continue
         base = plain.get((r["shape"], r["mode"]))
         speed = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-"
-        memory = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base else "-"
+        memory = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base and r['peak_gib'] != "-" else "-"
         lines.append(f"| {r['shape']} | {r['mode']} | {r['system']} | {r['tok_s']:,} | {r['peak_gib']} | "
                      f"{r.get('step_peak_gib', '-')} | {speed} | "
                      f"{memory} | {r.get('kernels', '-')} |")
+    phases = [f"- {r['shape']} {r['mode']} {r['system']}: {r['memory_phases']}" for r in rows if "memory_phases" in r]
+    if phases:
+        lines += ["", "GPU memory at the last step's phases (allocated as each starts -> its peak):", *phases]
     return "\n".join(lines) + "\n"
 
 

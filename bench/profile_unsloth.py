@@ -2,6 +2,7 @@
 time by kind and its memory at the peak can be read next to loramill's (bench_speed.py --profile).
 
     PYTHONPATH=/tmp/usite:bench python3 bench/profile_unsloth.py /tmp/ckpt/llama-1b qlora OUT_DIR
+    PYTHONPATH=/tmp/usite:bench python3 bench/profile_unsloth.py /tmp/ckpt/llama-1b qlora phases  # memory by phase
 """
 
 import os
@@ -16,7 +17,7 @@ from unsloth import FastLanguageModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
-from step_profile import StepProfile  # noqa: E402
+from step_profile import MemoryPhases, StepProfile  # noqa: E402
 from unsloth_anchor import ensure_tokenizer  # noqa: E402
 
 
@@ -38,6 +39,12 @@ def main(path: str, mode: str, out: Path, bs: int = 4, seq: int = 2048, r: int =
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    if out.name == "phases":  # memory at the step's phases only, as bench_speed.py --memory-phases reports
+        phases = MemoryPhases(model, optimizer)
+        for _ in range(4):
+            step()
+        print(f"unsloth {Path(path).name} {mode}: {phases.line()}", flush=True)
+        return
     for _ in range(3):
         step()
     with StepProfile(out / f"unsloth-{Path(path).name}-{mode}") as profile:

@@ -81,6 +81,34 @@ class StepProfile:
         print(text, flush=True)
 
 
+class MemoryPhases:
+    """GPU memory at a training step's phase boundaries, from hooks on the model's forward and the optimizer's step:
+    what is allocated as each phase starts and the peak within it, in GiB (each step overwrites the last step's).
+    Cheaper and sturdier than the allocator's history (which failed on the compiled step): it says which phase
+    holds the peak and how much of it the step carries in from before (weights, adapters, optimizer state).
+    The hooks reset torch's peak counter, so a caller's own ``max_memory_allocated`` reads only the last phase."""
+
+    PHASES = ("forward", "backward", "optimizer step")
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.gib: dict[str, float] = {}
+        model.register_forward_pre_hook(lambda *_: self._start("forward"))
+        model.register_forward_hook(lambda *_: self._end("forward") or self._start("backward"))
+        optimizer.register_step_pre_hook(lambda *_: self._end("backward") or self._start("optimizer step"))
+        optimizer.register_step_post_hook(lambda *_: self._end("optimizer step"))
+
+    def _start(self, phase: str) -> None:
+        self.gib[f"{phase} starts"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+        torch.cuda.reset_peak_memory_stats()
+
+    def _end(self, phase: str) -> None:
+        self.gib[f"{phase} peak"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+    def line(self) -> str:
+        return "; ".join(f"{phase} {self.gib.get(f'{phase} starts', '-')} -> peak {self.gib.get(f'{phase} peak', '-')}"
+                         for phase in self.PHASES) + " GiB"
+
+
 def kernel_table(profiler: torch.profiler.profile, steps: int, wall_s: float) -> str:
     by_kind: dict[str, float] = defaultdict(float)
     by_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])

@@ -37,27 +37,32 @@ def test_fused_kernels_fall_back_on_cpu_and_leave_the_model_as_it_was(tiny_model
 
 
 def test_a_checkpointed_blocks_input_goes_to_the_host_and_nothing_inside_it_does(monkeypatch):
-    """The mechanism behind train.offload_checkpoints, on CPU (the option itself only acts on CUDA): non-reentrant
-    checkpointing saves the block's input through the hooks around it, and the block's own saved tensors stay with
-    checkpointing's recomputation. Gradients are unchanged."""
-    moved = []
-    to_host = lora.fast._to_host
-    monkeypatch.setattr(lora.fast, "_to_host", lambda tensor: moved.append(tuple(tensor.shape)) or to_host(tensor))
-    block = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 8))
+    """The mechanism behind train.offload_checkpoints, on CPU (the option itself only acts on CUDA, where the copies
+    run on a side stream: tests/test_gpu.py): non-reentrant checkpointing saves the block's input through the hooks
+    around it, and the block's own saved tensors stay with checkpointing's recomputation. Each input is unpacked
+    once, the last saved first, and the gradients are unchanged."""
+    on_host = lora.fast.HostCheckpoints()
+    moved, unpacked = [], []
+    pack, unpack = on_host.pack, on_host.unpack
+    monkeypatch.setattr(on_host, "pack", lambda tensor: moved.append(tuple(tensor.shape)) or pack(tensor))
+    monkeypatch.setattr(on_host, "unpack", lambda saved: unpacked.append(tuple(saved.host.shape)) or unpack(saved))
+    blocks = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 6)),
+              torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.SiLU(), torch.nn.Linear(12, 5))]
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
     checkpoint = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
     def gradients(run) -> list[torch.Tensor]:
-        block.zero_grad()
         x.grad = None
-        run().pow(2).sum().backward()
-        return [x.grad.clone(), *(p.grad.clone() for p in block.parameters())]
+        for p in (p for block in blocks for p in block.parameters()):
+            p.grad = None
+        run(blocks[1], run(blocks[0], x) * 2).pow(2).sum().backward()
+        return [x.grad.clone(), *(p.grad.clone() for block in blocks for p in block.parameters())]
 
-    plain = gradients(lambda: checkpoint(block, x))
+    plain = gradients(checkpoint)
     assert moved == []
-    offloaded = gradients(lambda: lora.fast._with_inputs_on_host(checkpoint, block, x))
-    assert (4, 8) in moved  # the block's input
-    assert not {(16, 8), (8, 16), (4, 16)} & set(moved)  # weights and activations inside the block stay
+    offloaded = gradients(partial(lora.fast._with_inputs_on_host, on_host, checkpoint))
+    assert moved == [(4, 8), (4, 6)]  # each block's input; weights and activations inside the blocks stay
+    assert unpacked == [(4, 6), (4, 8)]
     assert all(torch.equal(a, b) for a, b in zip(plain, offloaded, strict=True))
 
 
