@@ -30,7 +30,7 @@ from random_checkpoint import make_checkpoint  # noqa: E402
 
 from lora.config import LoraSettings, ModelSource, Quantization, Training  # noqa: E402
 from lora.data import load_examples  # noqa: E402
-from lora.fast import compile_decoder_layers, use_fused_kernels  # noqa: E402
+from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels  # noqa: E402
 from lora.model import dispatch_backend, load_base_model, load_tokenizer, prepare_trainable  # noqa: E402
 import lora.train  # noqa: E402
 from lora.train import Batching, Shard, TrainState, build_optimizer, train  # noqa: E402
@@ -59,16 +59,19 @@ def long_conversations(source: Path, target: Path, per_conversation: int = 14) -
     return target
 
 
-def run_row(base, backend, examples, batching: str, size: int, steps: int, compile_blocks: bool) -> dict:
+def run_row(base, backend, examples, batching: str, size: int, steps: int, compile_blocks: bool,
+            offload: bool) -> dict:
     torch.cuda.reset_peak_memory_stats()
     budget = {"micro_batch_size": size} if batching == "padded" else {"batch_tokens": size}
     cfg = Training(max_steps=WARMUP + steps, learning_rate=1e-4, lr_schedule="constant", max_seq_len=2048,
                    gradient_checkpointing=True, eval_every=10**6, checkpoint_every=10**6, max_eval_examples=1,
-                   group_by_length=True, **budget)
+                   group_by_length=True, offload_checkpoints=offload, **budget)
     lora = LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
     model = prepare_trainable(base, lora, cfg.gradient_checkpointing)
     if compile_blocks:
         compile_decoder_layers(model, backend)
+    if cfg.offload_checkpoints:  # as the worker does (pipelines/train_worker.py)
+        offload_checkpointed_inputs(model, backend)
     shard = Shard(examples, examples[:1], rank=0, world_size=1)
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
     state = TrainState()
@@ -108,6 +111,8 @@ def main() -> None:
     parser.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=True,
                         help="compile each block, as train.compile_blocks does by default (Liger then keeps only its "
                         "fused loss); --no-compile-blocks: Liger's kernels alone, as before")
+    parser.add_argument("--offload", action=argparse.BooleanOptionalAction, default=False,
+                        help="the checkpointed block inputs in host memory, as train.offload_checkpoints: true does")
     parser.add_argument("--out", type=Path, default=None, help="JSON lines to write")
     args = parser.parse_args()
     if args.row_tokens:
@@ -125,13 +130,15 @@ def main() -> None:
         base = load_base_model(path, ModelSource(id=str(path)), quantization, backend)
         kernels = use_fused_kernels(base, backend, block_kernels=not args.compile_blocks)
         kernels += "; torch.compile of each block" if args.compile_blocks else ""
+        kernels += "; block inputs in host memory" if args.offload else ""
         if args.attention:
             base.set_attn_implementation(args.attention)
         attention = base.config._attn_implementation
         rows_here = [(d, b, int(n)) for d, b, n in (r.split(":") for r in args.rows)] if args.rows else ROWS[shape]
         for data, batching, size in rows_here:
             try:
-                row = run_row(base, backend, examples[data], batching, size, args.steps, args.compile_blocks)
+                row = run_row(base, backend, examples[data], batching, size, args.steps, args.compile_blocks,
+                              args.offload)
             except Exception as e:  # one failing row (out of memory) must not lose the others
                 row = dict(batching=batching, size=size, error=f"{type(e).__name__}: {e}"[:300])
                 gc.collect()

@@ -48,6 +48,7 @@ LORAMILL_SYSTEMS = {
     # torch.compile does not trace) and each block compiled
     "loramill": ("liger-loss", "compile"),
     "loramill-offload": ("liger-loss", "compile", "offload"),  # with train.offload_checkpoints
+    "loramill-uncompiled-offload": ("liger-loss", "offload"),  # and train.compile_blocks: false
     # the compiled blocks' 4-bit matmuls through bitsandbytes' own op, as before lora/nf4.py
     "loramill-bnb-matmul": ("liger-loss", "compile", "bnb-matmul"),
 }

@@ -92,10 +92,24 @@ class MemoryPhases:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.gib: dict[str, float] = {}
-        model.register_forward_pre_hook(lambda *_: self._start("forward"))
-        model.register_forward_hook(lambda *_: self._end("forward") or self._start("backward"))
-        optimizer.register_step_pre_hook(lambda *_: self._end("backward") or self._start("optimizer step"))
+        model.register_forward_pre_hook(self._forward_starts)
+        model.register_forward_hook(self._forward_ends)
+        optimizer.register_step_pre_hook(self._backward_ends)
         optimizer.register_step_post_hook(lambda *_: self._end("optimizer step"))
+
+    # Hooks return None: a module hook's other return values replace the forward's inputs or output.
+    def _forward_starts(self, *_: object) -> None:
+        if torch.is_grad_enabled():  # evaluation's forwards (no grad) are not a step's
+            self._start("forward")
+
+    def _forward_ends(self, *_: object) -> None:
+        if torch.is_grad_enabled():
+            self._end("forward")
+            self._start("backward")
+
+    def _backward_ends(self, *_: object) -> None:
+        self._end("backward")
+        self._start("optimizer step")
 
     def _start(self, phase: str) -> None:
         self.gib[f"{phase} starts"] = round(torch.cuda.memory_allocated() / 2**30, 3)
