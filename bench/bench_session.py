@@ -4,8 +4,9 @@ and the loramill / Unsloth ratios.
 
 Parts, in this order (each a process of its own; the exact command lines are recorded in the JSON and the table):
 
-1. long rows, batch 4 x 2048 random tokens: ``bench/bench_speed.py`` (plain path + loramill, QLoRA and bf16 LoRA),
-   then ``bench/reference/unsloth_anchor.py`` on the same checkpoint (QLoRA and bf16 LoRA);
+1. long rows, batch 4 x 2048 random tokens: ``bench/bench_speed.py`` (plain path, loramill's default step and the
+   same with ``train.offload_checkpoints``, QLoRA and bf16 LoRA), then ``bench/reference/unsloth_anchor.py`` on the
+   same checkpoint (QLoRA and bf16 LoRA);
 2. real data (``data/medical/train.jsonl``, 1B shape, 4-bit): ``bench/bench_realdata.py`` at the token budgets that
    are compared with Unsloth, then ``bench/reference/unsloth_realdata.py`` (Unsloth + TRL) on the same files:
 
@@ -44,6 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT = Path("/tmp/ckpt")
+LORAMILL_LONG = ("loramill", "loramill-offload")  # bench_speed's systems in the long rows: the default step, offloaded
 SITE, USITE = Path("/tmp/site"), Path("/tmp/usite")
 DATA = "data/medical/train.jsonl"
 LONG = str(CKPT / "long.jsonl")  # written by bench_realdata.long_conversations (14 examples a chat)
@@ -201,7 +203,7 @@ def run_bench(args) -> None:
     for shape in args.long_shapes:
         s.part(f"long rows {shape}: plain + loramill",
                [py, "bench/bench_speed.py", "--shapes", shape, "--modes", *args.long_modes, "--systems", "plain",
-                "loramill", "--tokenizer", tok], "loramill")
+                "loramill", "loramill-offload", "--tokenizer", tok], "loramill")
         s.part(f"long rows {shape}: Unsloth", [py, "bench/reference/unsloth_anchor.py", shape], "unsloth")
     pairs = [p for p in REALDATA_PAIRS if p[1] in args.realdata_rows]
     for shape in args.realdata_shapes:
@@ -234,7 +236,8 @@ def index(record: dict) -> dict:
     for r in record["rows"]:
         if "error" in r:
             continue
-        if r["part"].startswith("long rows") and r.get("system", "plain") in ("plain", "loramill") and "tok_s" in r:
+        if (r["part"].startswith("long rows") and r.get("system", "plain") in ("plain", *LORAMILL_LONG)
+                and "tok_s" in r):
             # bench_speed: hf_baseline's rows carry no system; a row says its shape as path and its mode as quant
             out[("long", r["path"], "qlora" if r["quant"] else "lora", r.get("system", "plain"))] = dict(
                 tok_s=r["tok_s"], peak=r["peak_gib"], step_s=r.get("step_s"))
@@ -291,17 +294,22 @@ def render(records: list[dict]) -> str:
         out += ["## Long rows: batch 4 × 2048 random tokens, r=16/α=32 all linear layers, gradient checkpointing", "",
                 "tok/s over 8 timed steps after 3 warm-up steps (all three); peak is "
                 "`torch.cuda.max_memory_allocated`.", "",
-                "| shape, mode | plain path | loramill | Unsloth | loramill / plain | loramill / Unsloth speed | "
-                "loramill / Unsloth memory | goal (≥ speed, ≤ memory) |", "|---|---|---|---|---:|---:|---:|---|"]
+                "loramill offloaded: the same step with `train.offload_checkpoints: true`. The goal is met where "
+                "either of loramill's rows is at or above Unsloth's speed at no more than its memory.", "",
+                "| shape, mode | plain path | loramill | loramill offloaded | Unsloth | loramill / plain | "
+                "loramill / Unsloth speed, memory | offloaded / Unsloth speed, memory | goal (≥ speed, ≤ memory) |",
+                "|---|---|---|---|---|---:|---:|---:|---|"]
         for shape in shapes:
             for mode in ("qlora", "lora"):
-                p, lm, u = (i1.get(("long", shape, mode, s)) for s in ("plain", "loramill", "unsloth"))
-                if not (p or lm or u):
+                p, lm, lo, u = (i1.get(("long", shape, mode, s)) for s in ("plain", *LORAMILL_LONG, "unsloth"))
+                if not (p or lm or lo or u):
                     continue
-                goal = "—" if not (lm and u) else ("met" if lm["tok_s"] >= u["tok_s"] and lm["peak"] <= u["peak"]
-                                                   else "not met")
+                met = [name for name, row in (("default", lm), ("offloaded", lo))
+                       if row and u and row["tok_s"] >= u["tok_s"] and row["peak"] <= u["peak"]]
+                goal = "—" if not u else f"met ({', '.join(met)})" if met else "not met"
                 out.append(f"| {shape} {'QLoRA' if mode == 'qlora' else 'bf16 LoRA'} | {fmt(p)} | {fmt(lm)} | "
-                           f"{fmt(u)} | {ratio(lm, p)} | {ratio(lm, u)} | {ratio(lm, u, 'peak')} | {goal} |")
+                           f"{fmt(lo)} | {fmt(u)} | {ratio(lm, p)} | {ratio(lm, u)}, {ratio(lm, u, 'peak')} | "
+                           f"{ratio(lo, u)}, {ratio(lo, u, 'peak')} | {goal} |")
         out.append("")
 
     shapes = sorted({k[1] for k in i1 if k[0] == "real"})
@@ -349,8 +357,8 @@ def render(records: list[dict]) -> str:
             out += ["", f"Largest change {max(changes):.1f}%, median {sorted(changes)[len(changes) // 2]:.1f}% "
                         f"over {len(changes)} rows."]
         out += ["", "Ratios in run 2:", "", "| row | loramill / Unsloth run 1 | run 2 |", "|---|---:|---:|"]
-        pairs = [(f"long {k[1]} {k[2]}", k, (k[0], k[1], k[2], "unsloth")) for k in i1
-                 if k[0] == "long" and k[3] == "loramill"]
+        pairs = [(f"long {k[1]} {k[2]} {k[3]}", k, (k[0], k[1], k[2], "unsloth")) for k in i1
+                 if k[0] == "long" and k[3] in LORAMILL_LONG]
         pairs += [(f"real {s} {label}", ("real", s, lrow, "loramill"), ("real", s, f"{d}:{b}:{m}", "unsloth"))
                   for s in shapes for label, lrow, (d, b, m) in REALDATA_PAIRS]
         for name, kl, ku in pairs:
