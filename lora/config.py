@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -555,35 +556,42 @@ def is_local_path(url: str) -> bool:
 def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
     """Make relative local paths absolute against the config file's folder, so Ray workers (other cwd) agree."""
 
-    def absolute(value: Any) -> Any:
-        if isinstance(value, str) and "\x00" not in value and is_local_path(value) \
-                and not Path(value).expanduser().is_absolute():  # a NUL byte is refused by validation instead
-            return str((base_dir / value).resolve())
-        return value
+    def absolute(value: Any, key: str) -> Any:
+        if not (isinstance(value, str) and "\x00" not in value and is_local_path(value)):  # validation refuses NUL
+            return value
+        try:
+            expanded = Path(value).expanduser()
+        except RuntimeError:  # ``~name/...`` for a user this machine does not know
+            raise ConfigError([f"{key}: {value!r} starts with a home folder this machine does not have; "
+                               "write the path in full"]) from None
+        return value if expanded.is_absolute() else str((base_dir / value).resolve())
 
-    for domain in raw["domains"] if isinstance(raw.get("domains"), list) else []:  # else validation says why
+    domains = raw["domains"] if isinstance(raw.get("domains"), list) else []  # else validation says why
+    for index, domain in enumerate(domains):
         if isinstance(domain, dict):
             for key in ("train", "eval"):
-                domain[key] = absolute(domain.get(key))
+                domain[key] = absolute(domain.get(key), f"domains.{index}.{key}")
     cluster = raw.get("cluster")
     if cluster is None:
         cluster = raw["cluster"] = {}
     if isinstance(cluster, dict):
         for key in ("storage_url", "output_dir"):
-            cluster[key] = absolute(cluster.get(key, Cluster.model_fields[key].default))
+            cluster[key] = absolute(cluster.get(key, Cluster.model_fields[key].default), f"cluster.{key}")
     publish = raw.setdefault("publish", {})
     if isinstance(publish, dict):
-        publish["store_dir"] = absolute(publish.get("store_dir", Publish.model_fields["store_dir"].default))
+        publish["store_dir"] = absolute(publish.get("store_dir", Publish.model_fields["store_dir"].default),
+                                        "publish.store_dir")
     tracking = raw.get("tracking")
     if isinstance(tracking, dict) and isinstance(tracking.get("mlflow_uri"), str):
-        tracking["mlflow_uri"] = _absolute_local_store(tracking["mlflow_uri"], absolute)
+        tracking["mlflow_uri"] = _absolute_local_store(tracking["mlflow_uri"],
+                                                       partial(absolute, key="tracking.mlflow_uri"))
     model = raw.get("model")
     if isinstance(model, dict):
         for key in ("id", "tokenizer"):
             value = model.get(key)
             # Only explicit relative paths: a bare ``org/name`` is a hub id.
             if isinstance(value, str) and value.startswith(("./", "../", "~")):
-                model[key] = absolute(value)
+                model[key] = absolute(value, f"model.{key}")
 
 
 def _absolute_local_store(uri: str, absolute: Callable[[str], Any]) -> str:

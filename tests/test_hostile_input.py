@@ -371,11 +371,20 @@ JUNK = st.one_of(
 @example(key="domains.0.train", value='"a\\0b"')
 @example(key="domains", value="1")
 @example(key="lora.r", value="[")
+@example(key="cluster.storage_url", value="~0")  # the home of a user this machine does not have (hypothesis found it)
 def test_junk_overrides_are_config_errors_never_crashes(plain_config: Path, key: str, value: str):
     try:
         load_config(plain_config, [f"{key}={value}"])
     except ConfigError as e:
         assert e.problems and all(isinstance(p, str) and p for p in e.problems)
+
+
+@pytest.mark.parametrize("key", ["cluster.storage_url", "domains.0.train", "publish.store_dir", "model.id"])
+def test_a_path_in_an_unknown_users_home_folder_is_a_config_error_naming_the_key(plain_config: Path, key: str):
+    with pytest.raises(ConfigError) as raised:
+        load_config(plain_config, [f"{key}=~no-such-user-on-this-machine/data"])
+    assert raised.value.problems == [f"{key}: '~no-such-user-on-this-machine/data' starts with a home folder this "
+                                     "machine does not have; write the path in full"]
 
 
 @settings(max_examples=15, deadline=None)
