@@ -70,4 +70,3 @@ class TorchOpsLinear4bit(nn.Module):
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(input_dtype)
-
