@@ -49,6 +49,9 @@ LORAMILL_SYSTEMS = {
     "loramill": ("liger-loss", "compile"),
     "loramill-offload": ("liger-loss", "compile", "offload"),  # with train.offload_checkpoints
     "loramill-uncompiled-offload": ("liger-loss", "offload"),  # and train.compile_blocks: false
+    # the compiled blocks' LoRA layers through peft's own forward (the scale on the full-size side), as before
+    # lora.fast.scale_lora_in_rank
+    "loramill-offload-peft-scaling": ("liger-loss", "compile", "offload", "peft-scaling"),
     # the compiled blocks' 4-bit matmuls through bitsandbytes' own op, as before lora/nf4.py
     "loramill-bnb-matmul": ("liger-loss", "compile", "bnb-matmul"),
 }
@@ -71,7 +74,8 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
                    max_eval_examples=1, fused_kernels=fused, group_by_length=False)
     model = prepare_trainable(model, lora, cfg.gradient_checkpointing)
     if "compile" in routes:
-        kernels.append(compile_decoder_layers(model, backend, four_bit_as_torch_ops="bnb-matmul" not in routes))
+        kernels.append(compile_decoder_layers(model, backend, four_bit_as_torch_ops="bnb-matmul" not in routes,
+                                              lora_scaled_in_rank="peft-scaling" not in routes))
     if "offload" in routes:
         kernels.append(offload_checkpointed_inputs(model, backend))
     vocab = model.config.vocab_size

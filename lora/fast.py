@@ -16,7 +16,7 @@ import inspect
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -66,12 +66,14 @@ def fused_loss_in_evaluation(model: nn.Module) -> dict[str, bool]:
     return {"skip_logits": True} if "skip_logits" in inspect.signature(causal_lm.forward).parameters else {}
 
 
-def compile_decoder_layers(model: nn.Module, backend: Backend, four_bit_as_torch_ops: bool = True) -> str:
+def compile_decoder_layers(model: nn.Module, backend: Backend, four_bit_as_torch_ops: bool = True,
+                           lora_scaled_in_rank: bool = True) -> str:
     """torch.compile each transformer block (after LoRA is applied): one graph for all blocks of a shape, so the
     LoRA update's scale-and-add, the residual adds and what Liger leaves unfused become fewer kernels. The blocks'
     gradient checkpointing stays outside the compiled region. The blocks' 4-bit layers dequantize through torch ops
-    (``lora/nf4.py``) that the graph fuses, unless ``four_bit_as_torch_ops`` is false (bitsandbytes' own op, called
-    from the graph: the bench's comparison row).
+    (``lora/nf4.py``) that the graph fuses, and their LoRA layers apply the scale on the rank-r side
+    (``scale_lora_in_rank``), unless ``four_bit_as_torch_ops`` or ``lora_scaled_in_rank`` is false (bitsandbytes' own
+    op, peft's own forward: the bench's comparison rows).
 
     Returns what was done, for the run's record, or why nothing was."""
     if backend.device.type != "cuda":
@@ -82,6 +84,8 @@ def compile_decoder_layers(model: nn.Module, backend: Backend, four_bit_as_torch
     four_bit = _linear_4bit_layers(blocks) if four_bit_as_torch_ops and backend.four_bit else []
     for layer in four_bit:
         linear_4bit_as_torch_ops(layer)
+    for layer in _lora_layers(blocks) if lora_scaled_in_rank else []:
+        scale_lora_in_rank(layer)
     for block in blocks:
         block.compile()
     return f"torch.compile of {len(blocks)} blocks" + (f" (their {len(four_bit)} 4-bit layers dequantized by torch ops)"
@@ -93,6 +97,49 @@ def _linear_4bit_layers(blocks: list[nn.Module]) -> list[nn.Module]:
 
     return [m for block in blocks for m in block.modules()
             if isinstance(m, bnb.nn.Linear4bit) and m.weight.quant_state.quant_type == "nf4"]
+
+
+def _lora_layers(blocks: list[nn.Module]) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for block in blocks for m in block.modules() if isinstance(m, LoraLayer)]
+
+
+def scale_lora_in_rank(layer: nn.Module) -> None:
+    """Make ``layer`` (a peft LoRA layer) compute ``B(A(x) * scaling)`` where peft computes ``B(A(x)) * scaling``:
+    the same product, with the scale on the rank-r side. It stays the same peft layer (its class becomes a subclass),
+    with the same weights and adapter files."""
+    if not isinstance(layer, LoraScaledInRank):
+        layer.__class__ = _scaled_in_rank(type(layer))
+
+
+@cache
+def _scaled_in_rank(lora_layer: type) -> type:
+    # One class per original class, as torch.compile guards on a module's type (lora/nf4.py does the same)
+    return type(f"{lora_layer.__name__}ScaledInRank", (LoraScaledInRank, lora_layer), {})
+
+
+class LoraScaledInRank(nn.Module):
+    """Mixed in before a peft LoRA layer class by ``scale_lora_in_rank``. Why: in peft's order the backward pass
+    multiplies the whole ``tokens x out_features`` gradient by the scale, and inside a compiled block inductor keeps
+    that scaled gradient as a buffer of its own next to the unscaled one, for every adapted layer. At the MLP's
+    backward (8k tokens of a 1B Llama) that was two 128 MiB buffers more than the eager step holds, what kept the
+    compiled step above Unsloth's memory (bench/SPEED_NOTES.md section 9). Scaling the rank-r activations instead
+    costs a ``tokens x r`` multiply. Anything but the plain LoRA forward (adapters disabled or merged, per-example
+    adapters, DoRA and the other variants) goes through peft's own forward."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or self.disable_adapters or self.merged or self.lora_variant:
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        result_dtype = result.dtype
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A:
+                continue
+            lora_A = self.lora_A[adapter]
+            low_rank = lora_A(self.lora_dropout[adapter](self._cast_input_dtype(x, lora_A.weight.dtype)))
+            result = result + self.lora_B[adapter](low_rank * self.scaling[adapter])
+        return result.to(result_dtype)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

@@ -159,6 +159,83 @@ def test_a_compiled_4bit_layer_keeps_no_dequantized_weight_for_its_backward():
     assert max(math.prod(shape) * dtype.itemsize for shape, dtype in saved) <= 512 * 1024 // 2  # the codes
 
 
+@pytest.mark.parametrize("alpha", [8, 12])  # a scale of 2 (exact in any precision) and of 3
+def test_lora_scaled_in_rank_gives_peft_loss_and_gradients_in_one_graph_for_all_blocks(tiny_model_dir, alpha):
+    """The compiled blocks' LoRA layers compute ``B(A(x) * scaling)``: the loss and every LoRA gradient equal peft's
+    ``B(A(x)) * scaling`` (float tolerance), the layers are still peft's, and both blocks trace as one graph."""
+    from peft.tuners.lora import LoraLayer
+
+    backend = dispatch_backend(Quantization(mode="none"), use_gpu=False)
+    model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), Quantization(mode="none"), backend)
+    model = apply_lora(model, LoraSettings(r=4, alpha=alpha, dropout=0.0), gradient_checkpointing=True)
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would leave every A without a gradient
+            torch.nn.init.normal_(weight, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+    model.train()
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_gradients() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    peft_loss, peft_grads = loss_and_gradients()
+    blocks = lora.fast.transformer_blocks(model)
+    layers = [m for block in blocks for m in block.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 14
+    for layer in layers:
+        lora.fast.scale_lora_in_rank(layer)
+    assert all(isinstance(layer, lora.fast.LoraScaledInRank) and isinstance(layer, LoraLayer) for layer in layers)
+    loss, grads = loss_and_gradients()
+    assert torch.allclose(loss, peft_loss, rtol=1e-6)
+    for grad, peft_grad in zip(grads, peft_grads, strict=True):
+        assert torch.allclose(grad, peft_grad, rtol=1e-4, atol=1e-7)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for block in blocks:
+        block.compile(backend="aot_eager", fullgraph=True)
+    compiled_loss, compiled_grads = loss_and_gradients()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.allclose(compiled_loss, loss, rtol=1e-5)
+    for grad, eager_grad in zip(compiled_grads, grads, strict=True):
+        assert torch.allclose(grad, eager_grad, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("in_rank", [False, True])
+def test_a_compiled_lora_layer_scaled_in_rank_makes_no_scaled_copy_of_its_output_gradient(in_rank):
+    """What the backward graph of a compiled LoRA layer computes from the gradient of its output (tokens x 256):
+    in peft's order, a scaled full-size copy of it (what inductor keeps as one more buffer); scaled in rank, only
+    rank-sized products (tokens x 4) are scaled."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.backends.common import aot_autograd
+
+    scaled_shapes: list[tuple[int, ...]] = []
+
+    def backward_compiler(graph, _inputs):
+        scaled_shapes.extend(tuple(node.meta["val"].shape) for node in graph.graph.nodes
+                             if node.op == "call_function" and node.target == torch.ops.aten.mul.Tensor)
+        return make_boxed_func(graph.forward)
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 256)),
+                           LoraConfig(r=4, lora_alpha=12, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight, generator=torch.Generator().manual_seed(0))
+    if in_rank:
+        lora.fast.scale_lora_in_rank(layer)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=aot_autograd(
+        fw_compiler=lambda graph, _inputs: make_boxed_func(graph.forward), bw_compiler=backward_compiler,
+        partition_fn=min_cut_rematerialization_partition))
+    x = torch.randn(32, 64, requires_grad=True)
+    compiled(x).sum().backward()
+    assert x.grad is not None and scaled_shapes
+    assert ((32, 256) in scaled_shapes) is not in_rank
+    assert ((32, 4) in scaled_shapes) is in_rank
+
+
 def _adapter_input_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
     """The dtypes every LoRA A matrix is fed from now on (a forward hook on each)."""
     seen: list[torch.dtype] = []
