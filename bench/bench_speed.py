@@ -89,7 +89,8 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
     stamps: dict[int, float] = {}
     phases = MemoryPhases(model, optimizer) if memory_phases else None
 
-    profiled = StepProfile(profile, *profile_parts) if profile else None
+    # The allocator's history cannot record Python stacks on the compiled step (StepProfile's doc)
+    profiled = StepProfile(profile, *profile_parts, stacks="compile" not in routes) if profile else None
 
     def progress(step: int) -> None:
         torch.cuda.synchronize()

@@ -37,10 +37,14 @@ def kind_of(kernel: str) -> str:
 
 class StepProfile:
     """Profile the steps run inside the ``with``; set ``steps`` before it ends. Records CUDA kernels with
-    torch.profiler and the allocator's history, then writes ``summary.md`` and ``trace.json`` to ``folder``."""
+    torch.profiler and the allocator's history, then writes ``summary.md`` and ``trace.json`` to ``folder``.
+    ``stacks=False`` records the history without the Python frames of each allocation: recording them fails on a
+    step with compiled blocks (``SystemError: <built-in method apply of FunctionMeta object ...> returned NULL``), so
+    there what was alive at the peak is grouped by block size (inductor's buffers: match them to the generated
+    code's ``empty_strided_cuda`` calls, ``TORCH_LOGS=output_code``)."""
 
-    def __init__(self, folder: Path, kernels: bool = True, memory: bool = True) -> None:
-        self.folder, self.kernels, self.memory = folder, kernels, memory
+    def __init__(self, folder: Path, kernels: bool = True, memory: bool = True, stacks: bool = True) -> None:
+        self.folder, self.kernels, self.memory, self.stacks = folder, kernels, memory, stacks
         self.steps = 1
         self.recording = False
 
@@ -48,7 +52,8 @@ class StepProfile:
         self.folder.mkdir(parents=True, exist_ok=True)
         torch.cuda.synchronize()
         if self.memory:
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, **({"stacks": "python"} if self.stacks
+                                                                                else {"context": None}))
         if self.kernels:
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                             torch.profiler.ProfilerActivity.CUDA])
@@ -170,21 +175,25 @@ def peak_table(snapshot: dict, top: int = 15) -> str:
     live: dict[int, tuple[int, str]] = {}
     for event in events[:peak_at + 1]:  # second pass: what was alive then, and who allocated it
         if event["action"] == "alloc":
-            live[event["addr"]] = (event["size"], origin(event.get("frames", [])))
+            frames = event.get("frames", [])
+            where = origin(frames) if frames else f"no stack: {event['size'] / 2**20:,.2f} MiB blocks"
+            live[event["addr"]] = (event["size"], where)
         else:
             live.pop(event["addr"], None)
     before = sum(block["size"] for segment in snapshot["segments"] for block in segment["blocks"]
                  if block["state"] == "active_allocated")
-    grouped: dict[str, int] = defaultdict(int)
+    grouped: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for size, where in live.values():
-        grouped[where] += size
+        grouped[where][0] += size
+        grouped[where][1] += 1
     # Blocks alive at the end but allocated before recording began have no history: counted as one lump.
     untracked = max(before - recorded_end, 0)
     lines = [f"memory: {untracked / 2**30:.2f} GiB allocated before the profiled steps and alive through them "
              f"(weights, optimizer state, caches); at the steps' peak {peak / 2**30:.2f} GiB more, of which:", "",
-             "| allocated at (innermost frame in our code or the library) | GiB at the peak |", "|---|---:|"]
-    for where, size in sorted(grouped.items(), key=lambda item: -item[1])[:top]:
-        lines.append(f"| `{where}` | {size / 2**30:.3f} |")
+             "| allocated at (innermost frame in our code or the library) | blocks | GiB at the peak |",
+             "|---|---:|---:|"]
+    for where, (size, count) in sorted(grouped.items(), key=lambda item: -item[1][0])[:top]:
+        lines.append(f"| `{where}` | {count} | {size / 2**30:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -194,4 +203,4 @@ def origin(frames: list[dict]) -> str:
         name = frame.get("filename", "")
         if name.endswith(".py") and "/torch/" not in name and "<" not in name:
             return f"{Path(name).parent.name}/{Path(name).name}:{frame.get('line')} {frame.get('name')}"
-    return frames[0].get("name", "?") if frames else "?"
+    return frames[0].get("name", "?")
