@@ -85,18 +85,14 @@ def test_a_4bit_weight_dequantized_by_torch_ops_is_bitsandbytes_bit_for_bit(doub
         assert not torch.equal(expected, weight)  # 4 bits lost something: the check compares dequantizations
 
 
-def test_4bit_layers_as_torch_ops_give_bitsandbytes_loss_and_gradients_in_one_graph_for_all_blocks(tiny_model_dir):
-    """A 4-bit LoRA model whose blocks' 4-bit layers compute through torch ops: the same loss and LoRA gradients as
-    bitsandbytes' op (float tolerance: bitsandbytes' backward rounds the weight to its stored dtype first), the
-    layers still ``Linear4bit``s; torch.compile traces both blocks as one graph (dynamo guards on each layer's class,
-    one class per original class), which CPU checks without a compiler through the ``aot_eager`` backend."""
-    import bitsandbytes as bnb
-
-    backend = dispatch_backend(Quantization(), use_gpu=False)
-    model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), Quantization(), backend)
-    model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True)
+def _tiny_lora_step(model_dir: Path, quantization: Quantization, settings: LoraSettings):
+    """The tiny Llama with a LoRA adapter whose B matrices are drawn at random (B starts at zero, which would leave
+    every A without a gradient), and a function giving its loss and LoRA gradients on one fixed batch."""
+    backend = dispatch_backend(quantization, use_gpu=False)
+    model = load_base_model(model_dir, ModelSource(id=str(model_dir)), quantization, backend)
+    model = apply_lora(model, settings, gradient_checkpointing=True)
     for name, weight in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero, which would leave every A without a gradient
+        if "lora_B" in name:
             torch.nn.init.normal_(weight, std=0.02, generator=torch.Generator().manual_seed(len(name)))
     model.train()
     ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -107,6 +103,31 @@ def test_4bit_layers_as_torch_ops_give_bitsandbytes_loss_and_gradients_in_one_gr
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
+    return model, loss_and_gradients
+
+
+def _assert_blocks_compile_to_one_graph_with_the_same_results(blocks, loss_and_gradients, loss, grads, atol):
+    """torch.compile traces all blocks as one graph (dynamo guards on each layer's class, so one class per original
+    class), checked on CPU without a compiler through the ``aot_eager`` backend, with the eager loss and gradients."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for block in blocks:
+        block.compile(backend="aot_eager", fullgraph=True)
+    compiled_loss, compiled_grads = loss_and_gradients()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.allclose(compiled_loss, loss, rtol=1e-5)
+    for grad, eager_grad in zip(compiled_grads, grads, strict=True):
+        assert torch.allclose(grad, eager_grad, rtol=1e-3, atol=atol)
+
+
+def test_4bit_layers_as_torch_ops_give_bitsandbytes_loss_and_gradients_in_one_graph_for_all_blocks(tiny_model_dir):
+    """A 4-bit LoRA model whose blocks' 4-bit layers compute through torch ops: the same loss and LoRA gradients as
+    bitsandbytes' op (float tolerance: bitsandbytes' backward rounds the weight to its stored dtype first), the
+    layers still ``Linear4bit``s; torch.compile traces both blocks as one graph (dynamo guards on each layer's class,
+    one class per original class), which CPU checks without a compiler through the ``aot_eager`` backend."""
+    import bitsandbytes as bnb
+
+    model, loss_and_gradients = _tiny_lora_step(tiny_model_dir, Quantization(), LoraSettings(r=4, dropout=0.0))
     bnb_loss, bnb_grads = loss_and_gradients()
     blocks = lora.fast.transformer_blocks(model)
     layers = [m for block in blocks for m in block.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -120,15 +141,7 @@ def test_4bit_layers_as_torch_ops_give_bitsandbytes_loss_and_gradients_in_one_gr
     for grad, bnb_grad in zip(grads, bnb_grads, strict=True):
         assert torch.allclose(grad, bnb_grad, rtol=1e-3, atol=1e-6)
 
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    for block in blocks:
-        block.compile(backend="aot_eager", fullgraph=True)
-    compiled_loss, compiled_grads = loss_and_gradients()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    assert torch.allclose(compiled_loss, loss, rtol=1e-5)
-    for grad, eager_grad in zip(compiled_grads, grads, strict=True):
-        assert torch.allclose(grad, eager_grad, rtol=1e-3, atol=1e-6)
+    _assert_blocks_compile_to_one_graph_with_the_same_results(blocks, loss_and_gradients, loss, grads, atol=1e-6)
 
 
 def test_a_compiled_4bit_layer_keeps_no_dequantized_weight_for_its_backward():
@@ -165,21 +178,8 @@ def test_lora_scaled_in_rank_gives_peft_loss_and_gradients_in_one_graph_for_all_
     ``B(A(x)) * scaling`` (float tolerance), the layers are still peft's, and both blocks trace as one graph."""
     from peft.tuners.lora import LoraLayer
 
-    backend = dispatch_backend(Quantization(mode="none"), use_gpu=False)
-    model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), Quantization(mode="none"), backend)
-    model = apply_lora(model, LoraSettings(r=4, alpha=alpha, dropout=0.0), gradient_checkpointing=True)
-    for name, weight in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero, which would leave every A without a gradient
-            torch.nn.init.normal_(weight, std=0.02, generator=torch.Generator().manual_seed(len(name)))
-    model.train()
-    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
-
-    def loss_and_gradients() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
+    model, loss_and_gradients = _tiny_lora_step(tiny_model_dir, Quantization(mode="none"),
+                                                LoraSettings(r=4, alpha=alpha, dropout=0.0))
     peft_loss, peft_grads = loss_and_gradients()
     blocks = lora.fast.transformer_blocks(model)
     layers = [m for block in blocks for m in block.modules() if isinstance(m, LoraLayer)]
@@ -192,15 +192,7 @@ def test_lora_scaled_in_rank_gives_peft_loss_and_gradients_in_one_graph_for_all_
     for grad, peft_grad in zip(grads, peft_grads, strict=True):
         assert torch.allclose(grad, peft_grad, rtol=1e-4, atol=1e-7)
 
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    for block in blocks:
-        block.compile(backend="aot_eager", fullgraph=True)
-    compiled_loss, compiled_grads = loss_and_gradients()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    assert torch.allclose(compiled_loss, loss, rtol=1e-5)
-    for grad, eager_grad in zip(compiled_grads, grads, strict=True):
-        assert torch.allclose(grad, eager_grad, rtol=1e-3, atol=1e-7)
+    _assert_blocks_compile_to_one_graph_with_the_same_results(blocks, loss_and_gradients, loss, grads, atol=1e-7)
 
 
 @pytest.mark.parametrize("in_rank", [False, True])
