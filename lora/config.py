@@ -168,8 +168,8 @@ class Training(Section):
     FSDP), where it was not measured yet."""
     offload_checkpoints: bool = False
     """On CUDA with gradient checkpointing, keep each block's checkpointed input in pinned host memory until the
-    backward pass needs it, copied on a side stream. On an H200 at 8k tokens a step: 8B QLoRA peaks at 8.3 instead
-    of 10.0 GiB at 0.99x the speed; 1B QLoRA at 2.5 instead of 2.9 GiB, but at 0.85-1.0x (its step is bound by the
+    backward pass needs it, copied on a side stream. On an H200 at 8k tokens a step: 8B QLoRA peaks at 7.7 instead
+    of 9.4 GiB at 1.00x the speed; 1B QLoRA at 2.1 instead of 2.5 GiB, but at 0.80-0.99x (its step is bound by the
     host, which the copies' bookkeeping adds to), and 0.86-0.92x on packed real data (bench/SPEED_NOTES.md). Worth it
     for large bases. Holds one hidden state a block in host memory (2 GiB for 8B). Ignored on CPU."""
     group_by_length: bool = True
