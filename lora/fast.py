@@ -189,8 +189,8 @@ class HostCheckpoints:
     overlap the blocks' compute: out while the block that saved the tensor runs, back while the block after it in
     the backward pass runs (the backward unpacks the blocks' inputs in the reverse order of saving, so each unpack
     starts the copy of the tensor saved just before). On an H200 (bench/SPEED_NOTES.md): 0.99-1.00x the step's speed
-    at 8B, 0.85-1.01x at 1B, whose step is bound by the host; torch's ``save_on_cpu``, which copies synchronously,
-    measured 0.74x at 1B, and copies queued on the compute stream itself 0.80-0.91x."""
+    at 8B, 0.80-1.01x at 1B (two sessions), whose step is bound by the host; torch's ``save_on_cpu``, which copies
+    synchronously, measured 0.74x at 1B, and copies queued on the compute stream itself 0.80-0.91x."""
 
     def __init__(self) -> None:
         self.stream: torch.cuda.Stream | None = None  # made at the first CUDA tensor, on its device
