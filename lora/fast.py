@@ -126,10 +126,11 @@ class LoraScaledInRank(nn.Module):
     backward (8k tokens of a 1B Llama) that was two 128 MiB buffers more than the eager step holds, what kept the
     compiled step above Unsloth's memory (bench/SPEED_NOTES.md section 9). Scaling the rank-r activations instead
     costs a ``tokens x r`` multiply. Anything but the plain LoRA forward (adapters disabled or merged, per-example
-    adapters, DoRA and the other variants) goes through peft's own forward."""
+    adapters, DoRA and the other variants, a bias in B, which the reordering would leave unscaled) goes through
+    peft's own forward."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs or self.disable_adapters or self.merged or self.lora_variant:
+        if args or kwargs or self.disable_adapters or self.merged or self.lora_variant or any(self.lora_bias.values()):
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x)
         result_dtype = result.dtype

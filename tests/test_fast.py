@@ -228,6 +228,39 @@ def test_a_compiled_lora_layer_scaled_in_rank_makes_no_scaled_copy_of_its_output
     assert ((32, 4) in scaled_shapes) is in_rank
 
 
+@pytest.mark.parametrize("case", ["plain", "bias in B", "DoRA", "adapters disabled", "merged"])
+def test_a_lora_layer_scaled_in_rank_keeps_peft_output_and_leaves_what_it_does_not_reorder_to_peft(case):
+    """The plain LoRA forward reordered gives peft's output (float tolerance); where reordering would change the
+    result or peft does more (a bias in B would go unscaled, DoRA, adapters disabled or merged), peft's own forward
+    runs: the same output bit for bit."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=["0"], lora_bias=case == "bias in B",
+                        use_dora=case == "DoRA")
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 256)), config)
+    layer = model.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight, generator=torch.Generator().manual_seed(0))
+    if layer.lora_B["default"].bias is not None:
+        torch.nn.init.normal_(layer.lora_B["default"].bias, generator=torch.Generator().manual_seed(1))
+    if case == "merged":
+        layer.merge()
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
+
+    def output() -> torch.Tensor:
+        with torch.no_grad():
+            if case == "adapters disabled":
+                with model.disable_adapter():
+                    return layer(x)
+            return layer(x)
+
+    expected = output()
+    lora.fast.scale_lora_in_rank(layer)
+    if case == "plain":
+        assert torch.allclose(output(), expected, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(output(), expected)
+
+
 def _adapter_input_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
     """The dtypes every LoRA A matrix is fed from now on (a forward hook on each)."""
     seen: list[torch.dtype] = []
