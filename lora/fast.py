@@ -16,13 +16,14 @@ import inspect
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from lora.model import Backend
+from lora.mixin import mix_in
 from lora.nf4 import linear_4bit_as_torch_ops
 
 LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True,
@@ -109,14 +110,7 @@ def scale_lora_in_rank(layer: nn.Module) -> None:
     """Make ``layer`` (a peft LoRA layer) compute ``B(A(x) * scaling)`` where peft computes ``B(A(x)) * scaling``:
     the same product, with the scale on the rank-r side. It stays the same peft layer (its class becomes a subclass),
     with the same weights and adapter files."""
-    if not isinstance(layer, LoraScaledInRank):
-        layer.__class__ = _scaled_in_rank(type(layer))
-
-
-@cache
-def _scaled_in_rank(lora_layer: type) -> type:
-    # One class per original class, as torch.compile guards on a module's type (lora/nf4.py does the same)
-    return type(f"{lora_layer.__name__}ScaledInRank", (LoraScaledInRank, lora_layer), {})
+    mix_in(layer, LoraScaledInRank)
 
 
 class LoraScaledInRank(nn.Module):

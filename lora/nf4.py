@@ -14,12 +14,12 @@ shifted by an offset. tests/test_fast.py checks the result bit for bit against `
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
+
+from lora.mixin import mix_in
 
 
 def dequantize_nf4(codes: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -46,15 +46,7 @@ def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> to
 def linear_4bit_as_torch_ops(layer: nn.Module) -> None:
     """Make ``layer`` (a bitsandbytes ``Linear4bit``, frozen) compute through ``dequantize_nf4``: the same outputs,
     for torch.compile to fuse. It stays a ``Linear4bit`` (its class becomes a subclass), with the same weights."""
-    if not isinstance(layer, TorchOpsLinear4bit):
-        layer.__class__ = _as_torch_ops(type(layer))
-
-
-@cache
-def _as_torch_ops(linear_4bit: type) -> type:
-    # One class per original class: torch.compile guards on a module's type, and a class per layer would make each
-    # block a graph of its own.
-    return type(f"{linear_4bit.__name__}AsTorchOps", (TorchOpsLinear4bit, linear_4bit), {})
+    mix_in(layer, TorchOpsLinear4bit)
 
 
 class TorchOpsLinear4bit(nn.Module):
