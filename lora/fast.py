@@ -24,7 +24,7 @@ from torch import nn
 
 from lora.model import Backend
 from lora.mixin import mix_in
-from lora.nf4 import linear_4bit_as_torch_ops
+from lora.nf4 import dequantization_route, linear_4bit_as_torch_ops
 
 LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True,
                  "cross_entropy": False}
@@ -71,8 +71,8 @@ def compile_decoder_layers(model: nn.Module, backend: Backend, four_bit_as_torch
                            lora_scaled_in_rank: bool = True) -> str:
     """torch.compile each transformer block (after LoRA is applied): one graph for all blocks of a shape, so the
     LoRA update's scale-and-add, the residual adds and what Liger leaves unfused become fewer kernels. The blocks'
-    gradient checkpointing stays outside the compiled region. The blocks' 4-bit layers dequantize through torch ops
-    (``lora/nf4.py``) that the graph fuses, and their LoRA layers apply the scale on the rank-r side
+    gradient checkpointing stays outside the compiled region. The blocks' 4-bit layers dequantize through ops the graph
+    launches itself (``lora/nf4.py``: loramill's Triton kernel, or torch ops that it fuses), and their LoRA layers apply the scale on the rank-r side
     (``scale_lora_in_rank``), unless ``four_bit_as_torch_ops`` or ``lora_scaled_in_rank`` is false (bitsandbytes' own
     op, peft's own forward: the bench's comparison rows).
 
@@ -89,8 +89,8 @@ def compile_decoder_layers(model: nn.Module, backend: Backend, four_bit_as_torch
         scale_lora_in_rank(layer)
     for block in blocks:
         block.compile()
-    return f"torch.compile of {len(blocks)} blocks" + (f" (their {len(four_bit)} 4-bit layers dequantized by torch ops)"
-                                                        if four_bit else "")
+    return f"torch.compile of {len(blocks)} blocks" + (
+        f" (their {len(four_bit)} 4-bit layers dequantized by {dequantization_route()})" if four_bit else "")
 
 
 def _linear_4bit_layers(blocks: list[nn.Module]) -> list[nn.Module]:

@@ -10,6 +10,11 @@ The arithmetic is bitsandbytes' (``backends/default/ops.py``): two 4-bit codes a
 each code looks up the NF4 table and is scaled by its block's absmax, in float32, then rounded to the compute dtype.
 With double quantization the absmaxes are themselves 8-bit codes of a 256-entry table, scaled per 256 blocks and
 shifted by an offset. tests/test_fast.py checks the result bit for bit against ``bitsandbytes.functional``.
+
+On CUDA with Triton (torch's CUDA builds bring it) the same arithmetic runs as loramill's own kernel
+(``lora/nf4_kernel.py``), which the compiled graph launches as it launches its own kernels; the kernels inductor
+generates for the torch ops were 2.7x slower than a block-wise kernel (bench/SPEED_NOTES.md section 10). The torch
+ops are the route without Triton.
 """
 
 from __future__ import annotations
@@ -21,9 +26,22 @@ from torch.utils.checkpoint import checkpoint
 
 from lora.mixin import mix_in
 
+try:
+    from lora.nf4_kernel import dequantize_nf4_kernel
+except ImportError:  # no Triton (torch's CPU builds): the torch ops below
+    dequantize_nf4_kernel = None
+
+
+def dequantization_route() -> str:
+    """How the compiled blocks' 4-bit weights are dequantized on CUDA, for the run's record."""
+    return "loramill's Triton kernel" if dequantize_nf4_kernel else "torch ops (no Triton installed)"
+
 
 def dequantize_nf4(codes: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-    """The weight (``quant_state.shape``, in ``dtype``) that bitsandbytes' ``dequantize_4bit`` returns."""
+    """The weight (``quant_state.shape``) that bitsandbytes' ``dequantize_4bit`` returns, in the weight's own dtype
+    (``quant_state.dtype``) as bitsandbytes rounds it, then cast to ``dtype``."""
+    if codes.is_cuda and dequantize_nf4_kernel:
+        return dequantize_nf4_kernel(codes, quant_state).to(dtype)
     count = quant_state.shape.numel()
     packed = codes.reshape(-1).view(torch.uint8)
     indices = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1)[:count]
@@ -32,7 +50,7 @@ def dequantize_nf4(codes: torch.Tensor, quant_state, dtype: torch.dtype) -> torc
         outer = quant_state.state2
         absmax = _blockwise(outer.code[absmax.long()], outer.absmax, outer.blocksize) + quant_state.offset
     weight = _blockwise(quant_state.code[indices.long()], absmax.float(), quant_state.blocksize)
-    return weight.reshape(quant_state.shape).to(dtype)
+    return weight.reshape(quant_state.shape).to(quant_state.dtype).to(dtype)
 
 
 def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:

@@ -82,6 +82,7 @@ def test_a_4bit_weight_dequantized_by_torch_ops_is_bitsandbytes_bit_for_bit(doub
         assert state.nested == double_quant
         expected = bnb_functional.dequantize_4bit(packed.data, state)
         assert torch.equal(dequantize_nf4(packed.data, state, torch.bfloat16), expected)
+        assert torch.equal(dequantize_nf4(packed.data, state, torch.float32), expected.float())  # rounded as bnb does
         assert not torch.equal(expected, weight)  # 4 bits lost something: the check compares dequantizations
 
 
@@ -144,10 +145,12 @@ def test_4bit_layers_as_torch_ops_give_bitsandbytes_loss_and_gradients_in_one_gr
     _assert_blocks_compile_to_one_graph_with_the_same_results(blocks, loss_and_gradients, loss, grads, atol=1e-6)
 
 
-def test_a_compiled_4bit_layer_keeps_no_dequantized_weight_for_its_backward():
-    """What a compiled block's graph saves for the backward pass of a 4-bit layer through torch ops: the 4-bit codes
-    with their scales, never the dequantized bf16 weight (4 x the codes' size; inductor's partitioner would keep it,
-    as the backward's matmul needs it, were the dequantization not checkpointed)."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_compiled_4bit_layer_keeps_no_dequantized_weight_for_its_backward(device):
+    """What a compiled block's graph saves for the backward pass of a 4-bit layer through torch ops (CPU) or
+    loramill's Triton kernel (CUDA): the 4-bit codes with their scales, never the dequantized bf16 weight (4 x the
+    codes' size; inductor's partitioner would keep it, as the backward's matmul needs it, were the dequantization
+    not checkpointed)."""
     import bitsandbytes as bnb
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
@@ -159,13 +162,13 @@ def test_a_compiled_4bit_layer_keeps_no_dequantized_weight_for_its_backward():
         saved.extend((tuple(n.meta["val"].shape), n.meta["val"].dtype) for n in output.args[0][1:])
         return make_boxed_func(graph.forward)
 
-    layer = bnb.nn.Linear4bit(512, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to("cpu")
+    layer = bnb.nn.Linear4bit(512, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to(device)
     linear_4bit_as_torch_ops(layer)
     torch._dynamo.reset()
     compiled = torch.compile(layer, backend=aot_autograd(
         fw_compiler=forward_compiler, bw_compiler=lambda graph, _inputs: make_boxed_func(graph.forward),
         partition_fn=min_cut_rematerialization_partition))  # inductor's partitioner
-    x = torch.randn(4, 512, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(4, 512, dtype=torch.bfloat16, device=device, requires_grad=True)
     compiled(x).float().sum().backward()
     assert x.grad is not None and saved
     assert (1024, 512) not in [shape for shape, _ in saved]

@@ -97,26 +97,41 @@ def test_compiled_blocks_and_offloaded_checkpoints_match_the_eager_step(tiny_mod
             assert error < 0.05, f"{route} {name}: relative gradient difference {error:.3f} (bf16 compute)"
 
 
-def test_compiled_4bit_blocks_dequantize_as_bitsandbytes_does(tiny_model_dir):
-    """The compiled blocks' 4-bit layers through torch ops (lora/nf4.py): each weight bit for bit what bitsandbytes'
-    CUDA kernel dequantizes, and the step's loss and LoRA gradients those of bitsandbytes' own op in the same graph
-    and of the eager step."""
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_loramill_nf4_kernel_dequantizes_as_bitsandbytes_does_bit_for_bit(double_quant):
+    """lora/nf4_kernel.py against bitsandbytes' CUDA kernels, with and without double quantization, on shapes whose
+    element count is not a multiple of the block size nor of 256 blocks (the absmaxes' outer blocks), of a Llama
+    projection, and in both compute dtypes."""
+    import bitsandbytes as bnb
     from bitsandbytes import functional as bnb_functional
 
     from lora.nf4 import dequantize_nf4
 
-    backend = dispatch_backend(Quantization(), use_gpu=True)
-    model = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), Quantization(), backend)
-    [layer, *_] = [m for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
-    state = layer.weight.quant_state
-    assert state.nested  # double quantization, loramill's default: the absmaxes dequantized too
-    assert torch.equal(dequantize_nf4(layer.weight.data, state, torch.bfloat16),
-                       bnb_functional.dequantize_4bit(layer.weight.data, state).to(torch.bfloat16))
+    generator = torch.Generator().manual_seed(0)
+    for out_features, in_features in ((200, 320), (130, 70), (3, 7), (2048, 8192)):
+        weight = 3 * torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+        packed = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
+                                   compress_statistics=double_quant).to("cuda")  # quantized on the move
+        state = packed.quant_state
+        assert state.nested == double_quant
+        for dtype in (torch.bfloat16, torch.float32):
+            expected = bnb_functional.dequantize_4bit(packed.data, state).to(dtype)
+            assert torch.equal(dequantize_nf4(packed.data, state, dtype), expected), (out_features, in_features, dtype)
+        assert not torch.equal(expected.to(torch.bfloat16), weight.cuda())  # 4 bits lost something
+    # Launched from a compiled graph (which may compile the kernel again, with its own options), the same bits
+    torch._dynamo.reset()
+    in_graph = torch.compile(lambda codes: dequantize_nf4(codes, state, torch.bfloat16), fullgraph=True)
+    assert torch.equal(in_graph(packed.data), bnb_functional.dequantize_4bit(packed.data, state).to(torch.bfloat16))
+
+
+def test_compiled_4bit_blocks_train_as_bitsandbytes_does(tiny_model_dir):
+    """The compiled blocks' 4-bit layers through loramill's kernel (lora/nf4.py): the step's loss and LoRA gradients
+    those of bitsandbytes' own op in the same graph and of the eager step."""
 
     _, eager_loss, eager_grads = _loss_and_lora_grads(tiny_model_dir, fused=False, four_bit=True)
     runs = {ops: _loss_and_lora_grads(tiny_model_dir, fused=False, compiled=True, four_bit=True,
                                       four_bit_as_torch_ops=ops) for ops in (False, True)}
-    assert runs[True][0] == "torch.compile of 2 blocks (their 14 4-bit layers dequantized by torch ops)"
+    assert runs[True][0] == "torch.compile of 2 blocks (their 14 4-bit layers dequantized by loramill's Triton kernel)"
     assert runs[False][0] == "torch.compile of 2 blocks"
     for loss, grads in (runs[True][1:], runs[False][1:]):
         assert torch.allclose(loss, eager_loss, rtol=1e-2), (loss, eager_loss)
