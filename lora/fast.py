@@ -71,10 +71,10 @@ def compile_decoder_layers(model: nn.Module, backend: Backend, four_bit_as_torch
                            lora_scaled_in_rank: bool = True) -> str:
     """torch.compile each transformer block (after LoRA is applied): one graph for all blocks of a shape, so the
     LoRA update's scale-and-add, the residual adds and what Liger leaves unfused become fewer kernels. The blocks'
-    gradient checkpointing stays outside the compiled region. The blocks' 4-bit layers dequantize through ops the graph
-    launches itself (``lora/nf4.py``: loramill's Triton kernel, or torch ops that it fuses), and their LoRA layers apply the scale on the rank-r side
-    (``scale_lora_in_rank``), unless ``four_bit_as_torch_ops`` or ``lora_scaled_in_rank`` is false (bitsandbytes' own
-    op, peft's own forward: the bench's comparison rows).
+    gradient checkpointing stays outside the compiled region. The blocks' 4-bit layers dequantize through ops the
+    graph launches itself (``lora/nf4.py``: loramill's Triton kernel, or torch ops that it fuses), and their LoRA
+    layers apply the scale on the rank-r side (``scale_lora_in_rank``), unless ``four_bit_as_torch_ops`` or
+    ``lora_scaled_in_rank`` is false (bitsandbytes' own op, peft's own forward: the bench's comparison rows).
 
     Returns what was done, for the run's record, or why nothing was."""
     if backend.device.type != "cuda":

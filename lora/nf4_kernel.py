@@ -3,16 +3,16 @@ torch.compile sees into (``torch.library.triton_op``): the generated graph launc
 between, as it launches its own kernels.
 
 Why not inductor's kernels for the same torch ops (``lora/nf4.py``): profiled on an H200 (8B shape, QLoRA), they
-took 45 ms of a 752 ms step, where Unsloth's step spent 17 ms dequantizing the same weights as often, with a kernel
-that decodes each block's scale once (bench/SPEED_NOTES.md section 10). Inductor's kernels compute every element on
-its own: its byte, its block's 8-bit absmax, that absmax's table entry and outer scale, five loads for one store.
-Here a program takes a tile of whole blocks (``BLOCKS`` rows of ``blocksize / 2`` bytes), decodes each row's scale
-once and writes both nibbles of every byte.
+took at least 45 ms of a 752 ms step, where Unsloth's step spent 17 ms dequantizing the same weights as often, with
+a kernel that decodes each block's scale once (bench/SPEED_NOTES.md section 10). Inductor's kernels compute every
+element on its own: its byte, its block's 8-bit absmax, that absmax's table entry and outer scale, five loads for
+one store. Here a program takes a tile of whole blocks (``BLOCKS`` rows of ``blocksize / 2`` bytes), decodes each
+row's scale once and writes both nibbles of every byte.
 
 The arithmetic is bitsandbytes', rounding for rounding (tests/test_gpu.py compares it bit for bit with bitsandbytes'
 CUDA kernels): with double quantization, absmax = float32(code2[q] * absmax2[block / 256]) + offset, two roundings,
 so the multiply is ``mul_rn``, which the compiler may not fuse with the add into one FMA; then each element is
-code[nibble] * absmax in float32, rounded to the compute dtype, the high nibble first.
+code[nibble] * absmax in float32, rounded to the weight's dtype, the high nibble first.
 """
 
 from __future__ import annotations
