@@ -6,8 +6,8 @@ Why not inductor's kernels for the same torch ops (``lora/nf4.py``): profiled on
 took at least 45 ms of a 752 ms step, where Unsloth's step spent 17 ms dequantizing the same weights as often, with
 a kernel that decodes each block's scale once (bench/SPEED_NOTES.md section 10). Inductor's kernels compute every
 element on its own: its byte, its block's 8-bit absmax, that absmax's table entry and outer scale, five loads for
-one store. Here a program takes a tile of whole blocks (``BLOCKS`` rows of ``blocksize / 2`` bytes), decodes each
-row's scale once and writes both nibbles of every byte.
+one store. Here a program takes a tile of whole blocks (``WEIGHTS_PER_PROGRAM / blocksize`` rows of ``blocksize / 2``
+bytes), decodes each row's scale once and writes both nibbles of every byte.
 
 The arithmetic is bitsandbytes', rounding for rounding (tests/test_gpu.py compares it bit for bit with bitsandbytes'
 CUDA kernels): with double quantization, absmax = float32(code2[q] * absmax2[block / 256]) + offset, two roundings,
@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-BLOCKS = 64
-"""Quantization blocks a program decodes: 2,048 bytes in, 4,096 weights out at bitsandbytes' default block size."""
+WEIGHTS_PER_PROGRAM = 4096
+"""Weights a program writes (2,048 bytes in): 64 quantization blocks at bitsandbytes' default block size, 64."""
 
 
 @triton.jit
@@ -57,12 +57,13 @@ def _dequantize_nf4_op(codes: torch.Tensor, absmax: torch.Tensor, table: torch.T
     nested = outer_code is not None
     n_weights = out.numel()
     n_blocks = triton.cdiv(n_weights, blocksize)
+    blocks_per_program = max(1, WEIGHTS_PER_PROGRAM // blocksize)
     unused = absmax  # the nested-only pointers of a plain absmax (never read: NESTED is a compile-time constant)
-    torch.library.wrap_triton(_dequantize_nf4_kernel)[(triton.cdiv(n_blocks, BLOCKS),)](
+    torch.library.wrap_triton(_dequantize_nf4_kernel)[(triton.cdiv(n_blocks, blocks_per_program),)](
         codes, absmax, outer_code if nested else unused, outer_absmax if nested else unused,
         offset if nested else unused, table, out, codes.numel(), n_weights, n_blocks,
         HALF_BLOCK=blocksize // 2, OUTER_SHIFT=outer_blocksize.bit_length() - 1 if nested else 0, NESTED=nested,
-        BLOCKS=BLOCKS)
+        BLOCKS=blocks_per_program)
     return out
 
 
