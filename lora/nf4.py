@@ -7,14 +7,14 @@ QLoRA step was bound by the host (GPU busy half the time; bench/SPEED_NOTES.md s
 the same arithmetic becomes one generated kernel per weight inside the compiled block, launched from its graph.
 
 The arithmetic is bitsandbytes' (``backends/default/ops.py``): two 4-bit codes a byte, the first in the high nibble;
-each code looks up the NF4 table and is scaled by its block's absmax, in float32, then rounded to the compute dtype.
+each code looks up the NF4 table and is scaled by its block's absmax, in float32, then rounded to the weight's dtype.
 With double quantization the absmaxes are themselves 8-bit codes of a 256-entry table, scaled per 256 blocks and
 shifted by an offset. tests/test_fast.py checks the result bit for bit against ``bitsandbytes.functional``.
 
 On CUDA with Triton (torch's CUDA builds bring it) the same arithmetic runs as loramill's own kernel
-(``lora/nf4_kernel.py``), which the compiled graph launches as it launches its own kernels; the kernels inductor
-generates for the torch ops were 2.7x slower than a block-wise kernel (bench/SPEED_NOTES.md section 10). The torch
-ops are the route without Triton.
+(``lora/nf4_kernel.py``), which the compiled graph launches as it launches its own kernels: at 8B the kernels
+inductor generates for the torch ops took at least 2.6x the time Unsloth's block-wise kernel took for the same
+dequantizations (bench/SPEED_NOTES.md section 10). The torch ops are the route without Triton.
 """
 
 from __future__ import annotations

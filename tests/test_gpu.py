@@ -127,7 +127,6 @@ def test_loramill_nf4_kernel_dequantizes_as_bitsandbytes_does_bit_for_bit(double
 def test_compiled_4bit_blocks_train_as_bitsandbytes_does(tiny_model_dir):
     """The compiled blocks' 4-bit layers through loramill's kernel (lora/nf4.py): the step's loss and LoRA gradients
     those of bitsandbytes' own op in the same graph and of the eager step."""
-
     _, eager_loss, eager_grads = _loss_and_lora_grads(tiny_model_dir, fused=False, four_bit=True)
     runs = {ops: _loss_and_lora_grads(tiny_model_dir, fused=False, compiled=True, four_bit=True,
                                       four_bit_as_torch_ops=ops) for ops in (False, True)}
