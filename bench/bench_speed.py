@@ -54,6 +54,8 @@ LORAMILL_SYSTEMS = {
     "loramill-offload-peft-scaling": ("liger-loss", "compile", "offload", "peft-scaling"),
     # the compiled blocks' 4-bit matmuls through bitsandbytes' own op, as before lora/nf4.py
     "loramill-bnb-matmul": ("liger-loss", "compile", "bnb-matmul"),
+    # the compiled blocks' 4-bit weights dequantized by the torch ops inductor fuses, as before lora/nf4_kernel.py
+    "loramill-offload-torch-dequant": ("liger-loss", "compile", "offload", "torch-dequant"),
 }
 
 
@@ -74,7 +76,9 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
                    max_eval_examples=1, fused_kernels=fused, group_by_length=False)
     model = prepare_trainable(model, lora, cfg.gradient_checkpointing)
     if "compile" in routes:
-        kernels.append(compile_decoder_layers(model, backend, four_bit_as_torch_ops="bnb-matmul" not in routes,
+        dequantization = ("bitsandbytes" if "bnb-matmul" in routes else
+                          "torch" if "torch-dequant" in routes else "triton")
+        kernels.append(compile_decoder_layers(model, backend, dequantization,
                                               lora_scaled_in_rank="peft-scaling" not in routes))
     if "offload" in routes:
         kernels.append(offload_checkpointed_inputs(model, backend))

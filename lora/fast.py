@@ -17,14 +17,14 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lora.model import Backend
 from lora.mixin import mix_in
-from lora.nf4 import dequantization_route, linear_4bit_as_torch_ops
+from lora.nf4 import Dequantization, linear_4bit_as_torch_ops
 
 LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True,
                  "cross_entropy": False}
@@ -67,14 +67,16 @@ def fused_loss_in_evaluation(model: nn.Module) -> dict[str, bool]:
     return {"skip_logits": True} if "skip_logits" in inspect.signature(causal_lm.forward).parameters else {}
 
 
-def compile_decoder_layers(model: nn.Module, backend: Backend, four_bit_as_torch_ops: bool = True,
+def compile_decoder_layers(model: nn.Module, backend: Backend,
+                           dequantization: Dequantization | Literal["bitsandbytes"] = "triton",
                            lora_scaled_in_rank: bool = True) -> str:
     """torch.compile each transformer block (after LoRA is applied): one graph for all blocks of a shape, so the
     LoRA update's scale-and-add, the residual adds and what Liger leaves unfused become fewer kernels. The blocks'
     gradient checkpointing stays outside the compiled region. The blocks' 4-bit layers dequantize through ops the
-    graph launches itself (``lora/nf4.py``: loramill's Triton kernel, or torch ops that it fuses), and their LoRA
-    layers apply the scale on the rank-r side (``scale_lora_in_rank``), unless ``four_bit_as_torch_ops`` or
-    ``lora_scaled_in_rank`` is false (bitsandbytes' own op, peft's own forward: the bench's comparison rows).
+    graph launches itself (``lora/nf4.py``: loramill's Triton kernel, or the torch ops it fuses), and their LoRA
+    layers apply the scale on the rank-r side (``scale_lora_in_rank``). The bench's comparison rows set
+    ``dequantization`` to ``torch`` or ``bitsandbytes`` (its own op), or ``lora_scaled_in_rank`` false (peft's own
+    forward).
 
     Returns what was done, for the run's record, or why nothing was."""
     if backend.device.type != "cuda":
@@ -82,15 +84,14 @@ def compile_decoder_layers(model: nn.Module, backend: Backend, four_bit_as_torch
     blocks = transformer_blocks(model)
     if not blocks:
         return "none: the model has no transformer blocks transformers can checkpoint"
-    four_bit = _linear_4bit_layers(blocks) if four_bit_as_torch_ops and backend.four_bit else []
-    for layer in four_bit:
-        linear_4bit_as_torch_ops(layer)
+    four_bit = _linear_4bit_layers(blocks) if dequantization != "bitsandbytes" and backend.four_bit else []
+    routes = {linear_4bit_as_torch_ops(layer, dequantization) for layer in four_bit}
     for layer in _lora_layers(blocks) if lora_scaled_in_rank else []:
         scale_lora_in_rank(layer)
     for block in blocks:
         block.compile()
     return f"torch.compile of {len(blocks)} blocks" + (
-        f" (their {len(four_bit)} 4-bit layers dequantized by {dequantization_route()})" if four_bit else "")
+        f" (their {len(four_bit)} 4-bit layers dequantized by {', '.join(sorted(routes))})" if four_bit else "")
 
 
 def _linear_4bit_layers(blocks: list[nn.Module]) -> list[nn.Module]:

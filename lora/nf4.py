@@ -1,4 +1,4 @@
-"""A 4-bit layer's weight dequantized by plain torch ops, so that torch.compile fuses it into the block's graph.
+"""A 4-bit layer's weight dequantized by ops torch.compile sees: loramill's Triton kernel, or torch ops it fuses.
 
 bitsandbytes' own path for a training-shaped matmul is a custom op implemented in Python (dequantize through a
 ctypes call, then ``F.linear``), opaque to the compiler: each of the 224 4-bit matmuls of a 1B Llama's step (forward
@@ -19,6 +19,8 @@ dequantizations (bench/SPEED_NOTES.md section 10). The torch ops are the route w
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -31,17 +33,14 @@ try:
 except ImportError:  # no Triton (torch's CPU builds): the torch ops below
     dequantize_nf4_kernel = None
 
-
-def dequantization_route() -> str:
-    """How the compiled blocks' 4-bit weights are dequantized on CUDA, for the run's record."""
-    return "loramill's Triton kernel" if dequantize_nf4_kernel else "torch ops (no Triton installed)"
+Dequantization = Literal["triton", "torch"]
+"""How a compiled block's 4-bit layer dequantizes its weight: ``triton``, loramill's kernel (the torch ops where
+Triton is not installed); ``torch``, the torch ops that inductor fuses (the bench's comparison row)."""
 
 
 def dequantize_nf4(codes: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
     """The weight (``quant_state.shape``) that bitsandbytes' ``dequantize_4bit`` returns, in the weight's own dtype
-    (``quant_state.dtype``) as bitsandbytes rounds it, then cast to ``dtype``."""
-    if codes.is_cuda and dequantize_nf4_kernel:
-        return dequantize_nf4_kernel(codes, quant_state).to(dtype)
+    (``quant_state.dtype``) as bitsandbytes rounds it, then cast to ``dtype``; by torch ops."""
     count = quant_state.shape.numel()
     packed = codes.reshape(-1).view(torch.uint8)
     indices = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1)[:count]
@@ -61,22 +60,37 @@ def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> to
     return (blocks * scales.view(-1, 1)).view(-1)[:count]
 
 
-def linear_4bit_as_torch_ops(layer: nn.Module) -> None:
-    """Make ``layer`` (a bitsandbytes ``Linear4bit``, frozen) compute through ``dequantize_nf4``: the same outputs,
-    for torch.compile to fuse. It stays a ``Linear4bit`` (its class becomes a subclass), with the same weights."""
+def linear_4bit_as_torch_ops(layer: nn.Module, dequantization: Dequantization = "triton") -> str:
+    """Make ``layer`` (a bitsandbytes ``Linear4bit``, frozen) compute through ops torch.compile sees: the same
+    outputs. It stays a ``Linear4bit`` (its class becomes a subclass), with the same weights. Returns how it
+    dequantizes, for the run's record."""
+    if dequantization == "triton" and dequantize_nf4_kernel:
+        mix_in(layer, TritonKernelLinear4bit)
+        return "loramill's Triton kernel"
     mix_in(layer, TorchOpsLinear4bit)
+    return "torch ops" + (" (no Triton installed)" if dequantization == "triton" else "")
 
 
 class TorchOpsLinear4bit(nn.Module):
     """Mixed in before a ``Linear4bit`` class by ``linear_4bit_as_torch_ops``."""
+
+    dequantize = staticmethod(dequantize_nf4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
         x = x.to(self.compute_dtype or input_dtype)
         # Checkpointed: inside a compiled graph the partitioner would otherwise keep each dequantized weight from the
         # forward for the backward's matmul (a bf16 copy of every 4-bit weight of the block being recomputed).
-        weight = checkpoint(dequantize_nf4, self.weight.data, self.weight.quant_state, x.dtype, use_reentrant=False)
+        weight = checkpoint(self.dequantize, self.weight.data, self.weight.quant_state, x.dtype, use_reentrant=False)
         out = F.linear(x, weight)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(input_dtype)
+
+
+class TritonKernelLinear4bit(TorchOpsLinear4bit):
+    """``TorchOpsLinear4bit`` dequantizing with loramill's Triton kernel (CUDA only)."""
+
+    @staticmethod
+    def dequantize(codes: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_nf4_kernel(codes, quant_state).to(dtype)

@@ -134,7 +134,7 @@ def test_4bit_layers_as_torch_ops_give_bitsandbytes_loss_and_gradients_in_one_gr
     layers = [m for block in blocks for m in block.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 14  # 7 projections, 2 blocks
     for layer in layers:
-        linear_4bit_as_torch_ops(layer)
+        assert linear_4bit_as_torch_ops(layer, "torch") == "torch ops"
     assert all(isinstance(layer, bnb.nn.Linear4bit) for layer in layers)
     assert len({type(layer) for layer in layers}) == 1
     loss, grads = loss_and_gradients()
@@ -163,7 +163,8 @@ def test_a_compiled_4bit_layer_keeps_no_dequantized_weight_for_its_backward(devi
         return make_boxed_func(graph.forward)
 
     layer = bnb.nn.Linear4bit(512, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to(device)
-    linear_4bit_as_torch_ops(layer)
+    route = linear_4bit_as_torch_ops(layer, "triton" if device == "cuda" else "torch")
+    assert route == ("loramill's Triton kernel" if device == "cuda" else "torch ops")
     torch._dynamo.reset()
     compiled = torch.compile(layer, backend=aot_autograd(
         fw_compiler=forward_compiler, bw_compiler=lambda graph, _inputs: make_boxed_func(graph.forward),

@@ -43,13 +43,13 @@ def test_one_gpu_ray_train_run(ray_cluster, tiny_config_file):
     assert info["batching"].startswith("packed: ") and "the GPU default" in info["batching"]
     # The GPU defaults: Liger's fused loss, each block compiled (tests/test_fast.py: neither on CPU)
     assert info["kernels"].endswith("(fused loss only); torch.compile of 2 blocks (their 14 4-bit layers dequantized "
-                                    "by torch ops)"), info["kernels"]
+                                    "by loramill's Triton kernel)"), info["kernels"]
     shown = " ".join(result.output.split())  # the caption wraps at the table's width
     assert "legal batching: packed: " in shown and "train.micro_batch_size is not used" in shown
 
 
 def _loss_and_lora_grads(model_dir, fused: bool, compiled: bool = False, offloaded: bool = False,
-                         four_bit: bool = False, four_bit_as_torch_ops: bool = True,
+                         four_bit: bool = False, dequantization: str = "triton",
                          ) -> tuple[str, torch.Tensor, dict[str, torch.Tensor]]:
     quant = Quantization(mode="nf4" if four_bit else "none")
     backend = dispatch_backend(quant, use_gpu=True)
@@ -58,7 +58,7 @@ def _loss_and_lora_grads(model_dir, fused: bool, compiled: bool = False, offload
     torch.manual_seed(0)
     model = apply_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing=True)
     if compiled:
-        kernels = compile_decoder_layers(model, backend, four_bit_as_torch_ops)
+        kernels = compile_decoder_layers(model, backend, dequantization)
     if offloaded:
         kernels = offload_checkpointed_inputs(model, backend)
     for name, p in model.named_parameters():
@@ -98,14 +98,14 @@ def test_compiled_blocks_and_offloaded_checkpoints_match_the_eager_step(tiny_mod
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_loramill_nf4_kernel_dequantizes_as_bitsandbytes_does_bit_for_bit(double_quant):
-    """lora/nf4_kernel.py against bitsandbytes' CUDA kernels, with and without double quantization, on shapes whose
-    element count is not a multiple of the block size nor of 256 blocks (the absmaxes' outer blocks), of a Llama
-    projection, and in both compute dtypes."""
+def test_loramill_nf4_kernel_and_torch_ops_dequantize_as_bitsandbytes_does_bit_for_bit(double_quant):
+    """lora/nf4_kernel.py and lora/nf4.py's torch ops against bitsandbytes' CUDA kernels, with and without double
+    quantization, on shapes whose element count is not a multiple of the block size nor of 256 blocks (the absmaxes'
+    outer blocks), of a Llama projection, and in both compute dtypes."""
     import bitsandbytes as bnb
     from bitsandbytes import functional as bnb_functional
 
-    from lora.nf4 import dequantize_nf4
+    from lora.nf4 import TorchOpsLinear4bit, TritonKernelLinear4bit
 
     generator = torch.Generator().manual_seed(0)
     for out_features, in_features in ((200, 320), (130, 70), (3, 7), (2048, 8192)):
@@ -116,23 +116,27 @@ def test_loramill_nf4_kernel_dequantizes_as_bitsandbytes_does_bit_for_bit(double
         assert state.nested == double_quant
         for dtype in (torch.bfloat16, torch.float32):
             expected = bnb_functional.dequantize_4bit(packed.data, state).to(dtype)
-            assert torch.equal(dequantize_nf4(packed.data, state, dtype), expected), (out_features, in_features, dtype)
+            for route in (TritonKernelLinear4bit, TorchOpsLinear4bit):
+                assert torch.equal(route.dequantize(packed.data, state, dtype), expected), (route, packed.shape, dtype)
         assert not torch.equal(expected.to(torch.bfloat16), weight.cuda())  # 4 bits lost something
     # Launched from a compiled graph (which may compile the kernel again, with its own options), the same bits
     torch._dynamo.reset()
-    in_graph = torch.compile(lambda codes: dequantize_nf4(codes, state, torch.bfloat16), fullgraph=True)
+    in_graph = torch.compile(lambda codes: TritonKernelLinear4bit.dequantize(codes, state, torch.bfloat16),
+                             fullgraph=True)
     assert torch.equal(in_graph(packed.data), bnb_functional.dequantize_4bit(packed.data, state).to(torch.bfloat16))
 
 
 def test_compiled_4bit_blocks_train_as_bitsandbytes_does(tiny_model_dir):
-    """The compiled blocks' 4-bit layers through loramill's kernel (lora/nf4.py): the step's loss and LoRA gradients
-    those of bitsandbytes' own op in the same graph and of the eager step."""
+    """The compiled blocks' 4-bit layers through loramill's kernel and through the torch ops (lora/nf4.py): the
+    step's loss and LoRA gradients those of bitsandbytes' own op in the same graph and of the eager step."""
     _, eager_loss, eager_grads = _loss_and_lora_grads(tiny_model_dir, fused=False, four_bit=True)
-    runs = {ops: _loss_and_lora_grads(tiny_model_dir, fused=False, compiled=True, four_bit=True,
-                                      four_bit_as_torch_ops=ops) for ops in (False, True)}
-    assert runs[True][0] == "torch.compile of 2 blocks (their 14 4-bit layers dequantized by loramill's Triton kernel)"
-    assert runs[False][0] == "torch.compile of 2 blocks"
-    for loss, grads in (runs[True][1:], runs[False][1:]):
+    runs = {route: _loss_and_lora_grads(tiny_model_dir, fused=False, compiled=True, four_bit=True,
+                                        dequantization=route) for route in ("triton", "torch", "bitsandbytes")}
+    layers = "torch.compile of 2 blocks (their 14 4-bit layers dequantized by "
+    assert runs["triton"][0] == layers + "loramill's Triton kernel)"
+    assert runs["torch"][0] == layers + "torch ops)"
+    assert runs["bitsandbytes"][0] == "torch.compile of 2 blocks"
+    for _, loss, grads in runs.values():
         assert torch.allclose(loss, eager_loss, rtol=1e-2), (loss, eager_loss)
         for name, grad in grads.items():
             error = (grad - eager_grads[name]).norm() / eager_grads[name].norm()
