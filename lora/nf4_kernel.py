@@ -70,10 +70,8 @@ def _dequantize_nf4_op(codes: torch.Tensor, absmax: torch.Tensor, table: torch.T
 def dequantize_nf4_kernel(codes: torch.Tensor, quant_state) -> torch.Tensor:
     """The weight bitsandbytes' ``dequantize_4bit`` returns (in ``quant_state.dtype``) from its CUDA codes
     (``uint8``, two codes a byte) and quant state; block sizes are powers of two, as bitsandbytes makes them."""
-    packed, shape = codes.reshape(-1).view(torch.uint8), list(quant_state.shape)
-    if not quant_state.nested:
-        return _dequantize_nf4_op(packed, quant_state.absmax, quant_state.code, quant_state.blocksize, None, None,
-                                  None, 0, shape, quant_state.dtype)
-    outer = quant_state.state2
-    return _dequantize_nf4_op(packed, quant_state.absmax, quant_state.code, quant_state.blocksize, outer.code,
-                              outer.absmax, quant_state.offset, outer.blocksize, shape, quant_state.dtype)
+    outer = quant_state.state2 if quant_state.nested else None
+    outer_args = (outer.code, outer.absmax, quant_state.offset, outer.blocksize) if outer is not None else (
+        None, None, None, 0)
+    return _dequantize_nf4_op(codes.reshape(-1).view(torch.uint8), quant_state.absmax, quant_state.code,
+                              quant_state.blocksize, *outer_args, list(quant_state.shape), quant_state.dtype)
