@@ -13,7 +13,8 @@ import torch.utils.checkpoint
 import lora.fast
 from lora.config import LoraSettings, ModelSource, Quantization, load_config
 from lora.data import TokenizedExample, load_examples
-from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels
+from lora.fast import (compile_blocks, compile_decoder_layers, offload_checkpointed_inputs, transformer_blocks,
+                       use_fused_kernels)
 from lora.model import apply_lora, dispatch_backend, load_base_model, load_tokenizer, resolve_model_dir
 from lora.nf4 import dequantize_nf4, linear_4bit_as_torch_ops
 from lora.config import Training
@@ -84,6 +85,33 @@ def test_a_4bit_weight_dequantized_by_torch_ops_is_bitsandbytes_bit_for_bit(doub
         assert torch.equal(dequantize_nf4(packed.data, state, torch.bfloat16), expected)
         assert torch.equal(dequantize_nf4(packed.data, state, torch.float32), expected.float())  # rounded as bnb does
         assert not torch.equal(expected, weight)  # 4 bits lost something: the check compares dequantizations
+
+
+def test_a_tune_actor_keeps_its_blocks_compiled_trial_after_trial(tiny_model_dir):
+    """A Tune actor trains trial after trial on one base in its process (``reuse_actors``, the base given back as
+    pipelines/train_worker.py does), each trial through compiled blocks. Every LoRA rank compiles the blocks' forward
+    anew, on top of what a run's training and evaluations compile: with torch's default limit of 8 variants the
+    third rank's calls ran uncompiled (9 frames, 8 compiled). Every frame must be compiled through four ranks."""
+    backend = dispatch_backend(Quantization(mode="none"), use_gpu=False)
+    base = load_base_model(tiny_model_dir, ModelSource(id=str(tiny_model_dir)), Quantization(mode="none"), backend)
+    generator = torch.Generator().manual_seed(0)
+    examples = [TokenizedExample(input_ids=(ids := torch.randint(0, 1000, (int(n),), generator=generator).tolist()),
+                                 labels=ids) for n in torch.randint(10, 60, (24,), generator=generator)]
+    cfg = Training(max_steps=2, learning_rate=1e-3, lr_schedule="constant", max_seq_len=64, batch_tokens=128,
+                   gradient_checkpointing=True, eval_every=1, checkpoint_every=10**6, group_by_length=False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for r in (4, 8, 16, 32):
+        model = apply_lora(base, LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules="all-linear"), True)
+        compile_blocks(transformer_blocks(model), backend="aot_eager")
+        optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
+        train(model, optimizer, scheduler, Shard(examples[:20], examples[20:], rank=0, world_size=1), cfg,
+              TrainState(), lambda *a: None, pad_id=0, device=backend.device)
+        base = model.unload()
+        base.disable_input_require_grads()
+        base.eval()
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["total"] > 8 and frames["ok"] == frames["total"]
 
 
 def _tiny_lora_step(model_dir: Path, quantization: Quantization, settings: LoraSettings):
