@@ -4,8 +4,8 @@ and the loramill / Unsloth ratios.
 
 Parts, in this order (each a process of its own; the exact command lines are recorded in the JSON and the table):
 
-1. long rows, batch 4 x 2048 random tokens: ``bench/bench_speed.py`` (plain path, loramill's default step and the
-   same with ``train.offload_checkpoints``, QLoRA and bf16 LoRA), then ``bench/reference/unsloth_anchor.py`` on the
+1. long rows, batch 4 x 2048 random tokens: ``bench/bench_speed.py`` once per system (plain path, loramill's default
+   step and the same with ``train.offload_checkpoints``; QLoRA and bf16 LoRA), then ``bench/reference/unsloth_anchor.py`` on the
    same checkpoint (QLoRA and bf16 LoRA);
 2. real data (``data/medical/train.jsonl``, 1B shape, 4-bit): ``bench/bench_realdata.py`` at the token budgets that
    are compared with Unsloth, then ``bench/reference/unsloth_realdata.py`` (Unsloth + TRL) on the same files:
@@ -201,9 +201,12 @@ def run_bench(args) -> None:
     s.record["data"] = [r for r in s.part("data facts", [py, "-c", DATA_FACTS, tok], "loramill", keep=False)
                         if "data_facts" in r]
     for shape in args.long_shapes:
-        s.part(f"long rows {shape}: plain + loramill",
-               [py, "bench/bench_speed.py", "--shapes", shape, "--modes", *args.long_modes, "--systems", "plain",
-                "loramill", "loramill-offload", "--tokenizer", tok], "loramill")
+        # A process per system, as a run's worker process trains one: at 8B QLoRA (2026-12-01) the offloaded step
+        # measured 10,627 tok/s after the default step in the same process, 11,119 and 11,070 in processes of its own
+        for system in ("plain", *LORAMILL_LONG):
+            s.part(f"long rows {shape}: {system}",
+                   [py, "bench/bench_speed.py", "--shapes", shape, "--modes", *args.long_modes, "--systems", system,
+                    "--tokenizer", tok], "loramill")
         s.part(f"long rows {shape}: Unsloth", [py, "bench/reference/unsloth_anchor.py", shape], "unsloth")
     pairs = [p for p in REALDATA_PAIRS if p[1] in args.realdata_rows]
     for shape in args.realdata_shapes:
@@ -391,7 +394,7 @@ def main() -> None:
     parser.add_argument("--tag", default="run")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench/results")
     parser.add_argument("--tokenizer", type=Path, default=Path(".gpu-tokenizer"))
-    parser.add_argument("--long-shapes", nargs="+", default=["llama-1b"])
+    parser.add_argument("--long-shapes", nargs="*", default=["llama-1b"])
     parser.add_argument("--long-modes", nargs="+", default=["qlora", "lora"], choices=["qlora", "lora"])
     parser.add_argument("--realdata-shapes", nargs="*", default=["llama-1b"])
     parser.add_argument("--realdata-rows", nargs="+", default=[p[1] for p in REALDATA_PAIRS],

@@ -130,6 +130,7 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
         result |= dict(peak_gib="-", step_peak_gib="-", memory_phases=phases.line())
     print(json.dumps(result), flush=True)
     del model, optimizer, scheduler, state
+    torch._dynamo.reset()  # the next row compiles afresh, as a run's worker process does
     gc.collect()
     torch.cuda.empty_cache()
     return result
