@@ -6,8 +6,8 @@ Random-weight Llama shapes (bench/random_checkpoint.py) in 4-bit NF4, LoRA r=16 
 gradient checkpointing, Liger's fused loss and compiled blocks (``--no-compile-blocks``: Liger's kernels alone),
 the functions a Ray Train worker runs (one base load per shape; the adapter is
 unloaded between rows). Real (non-padding) tokens per second over the steps after 3 warm-up steps; peak GiB is
-torch.cuda.max_memory_allocated during the row. The Unsloth anchor on the same files is
-../shared/gpu/unsloth_realdata.py (run it in the same session; it needs its own bundle).
+torch.cuda.max_memory_allocated during the row. Each file is repeated 40 times, as the Unsloth
+anchor on the same files (reference/unsloth_realdata.py, run by bench_session.py in the same session) repeats it.
 
     python bench/bench_realdata.py --tokenizer TOKENIZER_DIR [--shapes llama-1b llama-8b] [--out FILE]
 """
@@ -37,6 +37,7 @@ from lora.train import Batching, Shard, TrainState, build_optimizer, train  # no
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 3
+FILE_REPEATS = 40
 ROWS = {  # (data, batching): examples a micro batch for "padded", tokens a micro batch for "packed"
     "llama-1b": [("short", "padded", 16), ("short", "padded", 64), ("short", "packed", 2048), ("short", "packed", 8192),
                  ("short", "packed", 16384), ("short", "packed", 32768), ("long", "padded", 4),
@@ -120,7 +121,10 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     files = {"short": args.data, "long": long_conversations(args.data, args.root / "long.jsonl")}
     tokenizer = load_tokenizer(ModelSource(id=str(args.tokenizer)), args.tokenizer)
-    examples = {name: load_examples(str(path), {}, tokenizer, 2048, "drop")[0] for name, path in files.items()}
+    # The file repeated, as reference/unsloth_realdata.py repeats it: once, an epoch of 400 examples at a 16k-token
+    # budget was 3-4 micro batches, the last one partial (11,974 real tokens a step against TRL's 15,888 on 2026-12-01)
+    examples = {name: load_examples(str(path), {}, tokenizer, 2048, "drop")[0] * FILE_REPEATS
+                for name, path in files.items()}
 
     rows = []
     for shape in args.shapes:
@@ -144,7 +148,7 @@ def main() -> None:
                 gc.collect()
                 torch.cuda.empty_cache()
             row = dict(system="loramill", shape=shape, data=data, kernels=kernels, attention=attention,
-                       row_tokens=lora.train.PACKED_ROW_TOKENS) | row
+                       row_tokens=lora.train.PACKED_ROW_TOKENS, file_repeats=FILE_REPEATS) | row
             print(json.dumps(row), flush=True)
             rows.append(row)
         del base

@@ -317,9 +317,13 @@ def render(records: list[dict]) -> str:
 
     shapes = sorted({k[1] for k in i1 if k[0] == "real"})
     for shape in shapes:
+        # bench_realdata's rows say how often it repeated the file; rows from before it did say nothing: once
+        repeats = {r.get("file_repeats", 1) for r in first["rows"] if r.get("system") == "loramill" and
+                   r.get("shape") == shape and "real_tok_s" in r}
         out += [f"## Real data, {shape} shape in 4-bit NF4 (real, non-padding tokens/s)", "",
-                "loramill: 10 timed steps after 3 warm-up steps, one base load for all rows; Unsloth + TRL: "
-                f"{UNSLOTH_STEPS - 3} timed steps after 3, a process per row, the file repeated 40×.", "",
+                "loramill: 10 timed steps after 3 warm-up steps, one base load for all rows, the file repeated "
+                f"{' or '.join(f'{n}×' for n in sorted(repeats))}; Unsloth + TRL: {UNSLOTH_STEPS - 3} timed steps "
+                "after 3, a process per row, the file repeated 40×.", "",
                 "| per optimizer step | loramill | Unsloth + TRL | loramill / Unsloth speed | memory |",
                 "|---|---|---|---:|---:|"]
         for label, lrow, (data, bs, mode) in REALDATA_PAIRS:
