@@ -206,7 +206,8 @@ def run_bench(args) -> None:
             # The plain path once: bound by the GPU, it repeats within 1%. The others in turn, each round starting one
             # further, so that a drift of the node does not always fall on the same system.
             systems = [*LORAMILL_LONG, "unsloth"]
-            systems = (["plain"] if round_ == 0 else []) + systems[round_ % 3:] + systems[:round_ % 3]
+            turn = round_ % len(systems)
+            systems = (["plain"] if round_ == 0 else []) + systems[turn:] + systems[:turn]
             for system in systems:
                 # A process per system, as a run's worker process trains one: at 8B QLoRA (2026-12-01) the offloaded
                 # step measured 10,627 tok/s after the default step in the same process, 11,119 and 11,070 alone

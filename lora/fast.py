@@ -97,8 +97,8 @@ RECOMPILE_LIMIT = 64
 """Compiled variants torch keeps of the blocks' forward in one process (its default is 8); a call that matches none
 of them and finds the limit reached runs uncompiled, while run_info.json still says compiled. One run compiles 5 to 7
 (training, the evaluations with the adapter and without it, their shapes), and a Tune actor trains trial after trial
-on the same blocks (``reuse_actors``): each LoRA rank it has not trained yet adds 3 (measured on CPU,
-tests/test_fast.py). With the default the third rank's blocks ran uncompiled; 64 covers a run and 19 more ranks."""
+on the same blocks (``reuse_actors``): each LoRA rank it has not trained yet adds 3 (measured on CPU). With the
+default the third rank's calls ran uncompiled (tests/test_fast.py trains four); 64 covers a run and 19 more ranks."""
 
 
 def compile_blocks(blocks: list[nn.Module], backend: str = "inductor") -> None:
