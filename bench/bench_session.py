@@ -23,10 +23,13 @@ The two environments do not mix: loramill's parts run with ``PYTHONPATH=/tmp/sit
 with ``PYTHONPATH=/tmp/usite`` (``.unsloth-bundle``). Each bundle is installed from the checkout when it is there
 and not installed yet; both stay in /tmp while the machine is warm. The two bundles (41 + 52 MiB) do not fit into one
 64 MiB transfer, so on the device tool the session is: one call carrying ``.unsloth-bundle`` (``--setup-only``), then
-calls carrying ``.gpu-bundle`` and ``.gpu-tokenizer`` that run the whole bench (see the results file).
+calls carrying ``.gpu-bundle`` and ``.gpu-tokenizer`` that run the whole bench (see the results file). A bench
+longer than one call (``--budget`` stops it in time) goes on in the next with ``--resume``, its JSON from the call
+before copied into ``--out-dir`` first (the device tool's ``$OUT`` starts empty).
 
     python3 bench/bench_session.py --setup-only                      # install what is carried, make checkpoints
     python3 bench/bench_session.py --tag run1 --out-dir DIR          # the bench; writes DIR/session_TAG.{json,md,log}
+    python3 bench/bench_session.py --tag run1 --out-dir DIR --resume # the parts the budget left, into the same run
     python3 bench/bench_session.py render RUN1.json [RUN2.json ...] --out FILE.md   # one table, with the spread
 """
 
@@ -78,19 +81,32 @@ ENV_TEXT = {"loramill": f"PYTHONPATH={SITE}:$PWD", "unsloth": f"PYTHONPATH={USIT
 class Session:
     """Runs the parts one after another within a time budget, logging each and keeping every JSON line printed."""
 
-    def __init__(self, out_dir: Path, tag: str, budget_s: float):
+    def __init__(self, out_dir: Path, tag: str, budget_s: float, resume: bool = False):
         self.out_dir, self.tag, self.budget_s = out_dir, tag, budget_s
         self.started = time.perf_counter()
         self.log = (out_dir / f"session_{tag}.log").open("a")
-        self.record = dict(tag=tag, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                           host=platform.node(), parts=[], rows=[], versions={})
+        saved = out_dir / f"session_{tag}.json"
+        if resume and saved.exists():  # a bench longer than one device call: the earlier calls' record goes on
+            self.record = json.loads(saved.read_text())
+            self.record["hosts"] = [*self.record.get("hosts", [self.record["host"]]), platform.node()]
+        else:
+            self.record = dict(tag=tag, host=platform.node(), parts=[], rows=[], versions={},
+                               date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        self.earlier_s = self.record.get("wall_s", 0.0)
 
     def left(self) -> float:
         return self.budget_s - (time.perf_counter() - self.started)
 
     def part(self, name: str, argv: list[str], env: str, tag: dict | None = None, keep: bool = True) -> list[dict]:
-        """Run one part; its JSON lines come back (and go into the record, with ``tag``, when ``keep``)."""
+        """Run one part; its JSON lines come back (and go into the record, with ``tag``, when ``keep``). A kept part
+        that finished in an earlier call of a resumed bench is not run again; its rows stay in the record."""
         command = f"{ENV_TEXT[env]} {shlex.join(argv)}"
+        earlier = [p for p in self.record["parts"] if p["part"] == name]
+        if keep and earlier and "error" not in earlier[-1]:
+            print(f"## {name}: done in an earlier call", flush=True)
+            return [r for r in self.record["rows"] if r["part"] == name]
+        self.record["parts"] = [p for p in self.record["parts"] if p["part"] != name]
+        self.record["rows"] = [r for r in self.record["rows"] if r["part"] != name]
         entry = dict(part=name, command=command)
         self.record["parts"].append(entry)
         if self.left() < 20:
@@ -131,7 +147,7 @@ class Session:
         return rows
 
     def save(self) -> None:
-        self.record["wall_s"] = round(time.perf_counter() - self.started, 1)
+        self.record["wall_s"] = round(self.earlier_s + time.perf_counter() - self.started, 1)
         (self.out_dir / f"session_{self.tag}.json").write_text(json.dumps(self.record, indent=1) + "\n")
 
 
@@ -189,7 +205,7 @@ for name, path in files.items():
 
 def run_bench(args) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    s = Session(args.out_dir, args.tag, args.budget)
+    s = Session(args.out_dir, args.tag, args.budget, args.resume)
     s.record["bundles"] = install_bundles()
     print("\n".join(s.record["bundles"]), flush=True)
     py = "python3"
@@ -307,7 +323,10 @@ def render(records: list[dict]) -> str:
     versions = first.get("versions", {})
     out = [f"# One bench, one session: loramill, the plain path and Unsloth on {versions.get('loramill', {}).get('gpu') or 'GPU'}", ""]
     for n, r in enumerate(records, 1):
-        out.append(f"- run {n} (`{r['tag']}`): {r['date']}, host `{r['host']}`, {r.get('wall_s')} s wall for the bench")
+        hosts = r.get("hosts", [r["host"]])
+        where = f"host `{hosts[0]}`" if len(hosts) == 1 else f"{len(hosts)} calls (`--resume`), hosts " + ", ".join(
+            f"`{h}`" for h in hosts)
+        out.append(f"- run {n} (`{r['tag']}`): {r['date']}, {where}, {r.get('wall_s')} s wall for the bench")
     out.append("")
     for env, v in versions.items():
         out.append(f"- {env} environment: " + ", ".join(f"{k} {val}" for k, val in v.items()))
@@ -435,6 +454,8 @@ def main() -> None:
                         "pair (default: all)")
     parser.add_argument("--budget", type=float, default=560.0, help="seconds for the whole bench; a part still "
                         "running then is stopped and the parts after it are skipped")
+    parser.add_argument("--resume", action="store_true", help="go on with the run TAG in --out-dir: the parts that "
+                        "finished in an earlier call are kept, the others (skipped, failed, not reached) run")
     parser.add_argument("--setup-only", action="store_true")
     args = parser.parse_args()
     os.chdir(REPO)
