@@ -19,6 +19,7 @@ from lora.model import apply_lora, dispatch_backend, load_base_model, load_token
 from lora.nf4 import dequantize_nf4, linear_4bit_as_torch_ops
 from lora.config import Training
 from lora.train import Batching, Shard, TrainState, adapter_autocast, adapter_inputs_uncast, build_optimizer, train
+from pipelines import train_worker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,8 +89,8 @@ def test_a_4bit_weight_dequantized_by_torch_ops_is_bitsandbytes_bit_for_bit(doub
 
 
 def test_a_tune_actor_keeps_its_blocks_compiled_trial_after_trial(tiny_model_dir):
-    """A Tune actor trains trial after trial on one base in its process (``reuse_actors``, the base given back as
-    pipelines/train_worker.py does), each trial through compiled blocks. Every LoRA rank compiles the blocks' forward
+    """A Tune actor trains trial after trial on one base in its process (``reuse_actors``, the base given back by
+    pipelines/train_worker.py), each trial through compiled blocks. Every LoRA rank compiles the blocks' forward
     anew, on top of what a run's training and evaluations compile: with torch's default limit of 8 variants the
     third rank's calls ran uncompiled (9 frames, 8 compiled). Every frame must be compiled through four ranks."""
     backend = dispatch_backend(Quantization(mode="none"), use_gpu=False)
@@ -107,9 +108,8 @@ def test_a_tune_actor_keeps_its_blocks_compiled_trial_after_trial(tiny_model_dir
         optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
         train(model, optimizer, scheduler, Shard(examples[:20], examples[20:], rank=0, world_size=1), cfg,
               TrainState(), lambda *a: None, pad_id=0, device=backend.device)
-        base = model.unload()
-        base.disable_input_require_grads()
-        base.eval()
+        train_worker._give_back_base_model(("tune actor",), model)
+        base = train_worker._idle_base_models.pop(("tune actor",))
     frames = torch._dynamo.utils.counters["frames"]
     assert frames["total"] > 8 and frames["ok"] == frames["total"]
 
