@@ -54,6 +54,10 @@ SITE, USITE = Path("/tmp/site"), Path("/tmp/usite")
 DATA = "data/medical/train.jsonl"
 LONG = str(CKPT / "long.jsonl")  # written by bench_realdata.long_conversations (14 examples a chat)
 UNSLOTH_STEPS = 20  # unsloth_realdata times the steps after 3 warm-up steps: 17 timed steps
+# Long rows' timed steps (after 3 warm-up steps), the same for every system: about 7 s of loramill's step. The 1B step
+# is bound by the host; 8 steps of it (1.4 s) moved by up to 22% between processes on 2026-12-01, where one
+# garbage collection or scheduling hiccup is several percent of the window.
+LONG_TIMED_STEPS = {"llama-1b": 40, "llama-8b": 10}
 
 # (label, loramill row "data:packed:budget", Unsloth (data, batch, pack|nopack))
 REALDATA_PAIRS = [
@@ -228,11 +232,13 @@ def run_bench(args) -> None:
                 # A process per system, as a run's worker process trains one: at 8B QLoRA (2026-12-01) the offloaded
                 # step measured 10,627 tok/s after the default step in the same process, 11,119 and 11,070 alone
                 name = f"long rows {shape}: {system}" + (f" (round {round_ + 1})" if args.long_rounds > 1 else "")
+                steps = str(LONG_TIMED_STEPS.get(shape, 8))
                 if system == "unsloth":
-                    s.part(name, [py, "bench/reference/unsloth_anchor.py", shape, *args.long_modes], "unsloth")
+                    s.part(name, [py, "bench/reference/unsloth_anchor.py", shape, *args.long_modes, "--steps", steps],
+                           "unsloth")
                 else:
                     s.part(name, [py, "bench/bench_speed.py", "--shapes", shape, "--modes", *args.long_modes,
-                                  "--systems", system, "--tokenizer", tok], "loramill")
+                                  "--systems", system, "--tokenizer", tok, "--steps", steps], "loramill")
     pairs = [p for p in REALDATA_PAIRS if p[1] in args.realdata_rows]
     for shape in args.realdata_shapes:
         s.part(f"real data {shape}: loramill",
@@ -338,8 +344,12 @@ def render(records: list[dict]) -> str:
 
     shapes = sorted({k[1] for k in i1 if k[0] == "long"})
     if shapes:
+        # rows from before the bench set the steps per shape say nothing: bench_speed's default, 8
+        timed = {f"{r['path']}: {r.get('steps', 8)}" for r in first["rows"] if r["part"].startswith("long rows")
+                 and "tok_s" in r}
         out += ["## Long rows: batch 4 × 2048 random tokens, r=16/α=32 all linear layers, gradient checkpointing", "",
-                "tok/s over 8 timed steps after 3 warm-up steps (all three); peak is "
+                f"tok/s over the timed steps after 3 warm-up steps, the same for all systems ({', '.join(sorted(timed))}"
+                "); peak is "
                 "`torch.cuda.max_memory_allocated`. Measured in several rounds (`--long-rounds`, a process per "
                 "system and round), a row gives its median round and the range.", "",
                 "loramill offloaded: the same step with `train.offload_checkpoints: true`. The goal is met where "

@@ -121,7 +121,7 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
     seconds = stamps[WARMUP + steps] - stamps[WARMUP]
     trainable, _ = parameter_counts(model)
     result = dict(system=system, path=path.name, quant=quant, bs=batch, seq=seq,
-                  r=r, tok_s=round(batch * seq * steps / seconds), peak_gib=round(max(step_peak[0], torch.cuda.max_memory_allocated()) / 2**30, 2),
+                  r=r, steps=steps, tok_s=round(batch * seq * steps / seconds), peak_gib=round(max(step_peak[0], torch.cuda.max_memory_allocated()) / 2**30, 2),
                   step_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                   load_s=round(started - loading, 1), first_step_s=round(stamps[1] - started, 1),
                   trainable=trainable, step_s=round(seconds / steps, 3), kernels="; ".join(kernels),
@@ -165,7 +165,7 @@ def main() -> None:
             for system in args.systems:
                 try:
                     if system == "plain":
-                        row = hf_baseline.run(str(path), quant, bs=4, seq=2048, steps=args.steps, gc_on=True) | {"system": "plain"}
+                        row = hf_baseline.run(str(path), quant, bs=4, seq=2048, steps=args.steps, gc_on=True) | {"system": "plain", "steps": args.steps}
                     else:
                         profile = args.profile / f"{system}-{shape}-{mode}" if args.profile else None
                         parts = (args.profile_only != "memory", args.profile_only != "kernels")
