@@ -165,7 +165,7 @@ def main() -> None:
             for system in args.systems:
                 try:
                     if system == "plain":
-                        row = hf_baseline.run(str(path), quant, bs=4, seq=2048, steps=args.steps, gc_on=True) | {"system": "plain", "steps": args.steps}
+                        row = hf_baseline.run(str(path), quant, bs=4, seq=2048, steps=args.steps, gc_on=True) | {"system": "plain"}
                     else:
                         profile = args.profile / f"{system}-{shape}-{mode}" if args.profile else None
                         parts = (args.profile_only != "memory", args.profile_only != "kernels")
