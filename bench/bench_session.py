@@ -7,7 +7,9 @@ Parts, in this order (each a process of its own; the exact command lines are rec
 1. long rows, batch 4 x 2048 random tokens: ``bench/bench_speed.py`` once per system (plain path, loramill's default
    step and the same with ``train.offload_checkpoints``; QLoRA and bf16 LoRA), then ``bench/reference/unsloth_anchor.py`` on the
    same checkpoint (QLoRA and bf16 LoRA); ``--long-rounds N``: N processes per system (the plain path once), taken
-   in turn, and the table gives each row's median round and range;
+   in turn, and the table gives each row's median round and range; ``--long-turns``: instead, the plain path once,
+   then loramill's two systems and Unsloth loaded at once and timed in turns by ``bench/bench_paired.py`` (a
+   window of steps each, the order rotating), so that the node's drift falls on all of them alike;
 2. real data (``data/medical/train.jsonl``, 1B shape, 4-bit): ``bench/bench_realdata.py`` at the token budgets that
    are compared with Unsloth, then ``bench/reference/unsloth_realdata.py`` (Unsloth + TRL) on the same files:
 
@@ -58,6 +60,7 @@ UNSLOTH_STEPS = 20  # unsloth_realdata times the steps after 3 warm-up steps: 17
 # is bound by the host; 8 steps of it (1.4 s) moved by up to 22% between processes on 2026-12-01, where one
 # garbage collection or scheduling hiccup is several percent of the window.
 LONG_TIMED_STEPS = {"llama-1b": 40, "llama-8b": 10}
+TURN_WINDOWS = 10  # --long-turns: the timed steps in this many windows a system (bench_paired.py)
 
 # (label, loramill row "data:packed:budget", Unsloth (data, batch, pack|nopack))
 REALDATA_PAIRS = [
@@ -222,6 +225,17 @@ def run_bench(args) -> None:
     s.record["data"] = [r for r in s.part("data facts", [py, "-c", DATA_FACTS, tok], "loramill", keep=False)
                         if "data_facts" in r]
     for shape in args.long_shapes:
+        steps = LONG_TIMED_STEPS.get(shape, 8)
+        if args.long_turns:
+            s.part(f"long rows {shape}: plain", [py, "bench/bench_speed.py", "--shapes", shape, "--modes",
+                                                *args.long_modes, "--systems", "plain", "--steps", str(steps)],
+                   "loramill")
+            for mode in args.long_modes:
+                s.part(f"long rows {shape} {mode}: in turns",
+                       [py, "bench/bench_paired.py", shape, mode, "--systems", *LORAMILL_LONG, "unsloth",
+                        "--windows", str(TURN_WINDOWS), "--turn-steps", str(max(1, steps // TURN_WINDOWS)),
+                        "--tokenizer", tok], "loramill")
+            continue
         for round_ in range(args.long_rounds):
             # The plain path once: bound by the GPU, it repeats within 1%. The others in turn, each round starting one
             # further, so that a drift of the node does not always fall on the same system.
@@ -232,13 +246,12 @@ def run_bench(args) -> None:
                 # A process per system, as a run's worker process trains one: at 8B QLoRA (2026-12-01) the offloaded
                 # step measured 10,627 tok/s after the default step in the same process, 11,119 and 11,070 alone
                 name = f"long rows {shape}: {system}" + (f" (round {round_ + 1})" if args.long_rounds > 1 else "")
-                steps = str(LONG_TIMED_STEPS.get(shape, 8))
                 if system == "unsloth":
-                    s.part(name, [py, "bench/reference/unsloth_anchor.py", shape, *args.long_modes, "--steps", steps],
-                           "unsloth")
+                    s.part(name, [py, "bench/reference/unsloth_anchor.py", shape, *args.long_modes, "--steps",
+                                  str(steps)], "unsloth")
                 else:
                     s.part(name, [py, "bench/bench_speed.py", "--shapes", shape, "--modes", *args.long_modes,
-                                  "--systems", system, "--tokenizer", tok, "--steps", steps], "loramill")
+                                  "--systems", system, "--tokenizer", tok, "--steps", str(steps)], "loramill")
     pairs = [p for p in REALDATA_PAIRS if p[1] in args.realdata_rows]
     for shape in args.realdata_shapes:
         s.part(f"real data {shape}: loramill",
@@ -289,6 +302,12 @@ def keyed_rows(record: dict) -> list[tuple[tuple, dict]]:
             # bench_speed: hf_baseline's rows carry no system; a row says its shape as path and its mode as quant
             key = ("long", r["path"], "qlora" if r["quant"] else "lora", r.get("system", "plain"))
             out.append((key, dict(tok_s=r["tok_s"], peak=r["peak_gib"], step_s=r.get("step_s"))))
+        elif r.get("system") == "paired":  # bench_paired: every system's rate over its windows, one call
+            for system, figures in r["rows"].items():
+                key = ("long", r["path"], "qlora" if r["quant"] else "lora", system)
+                against = r.get("against_unsloth", {}).get(system)
+                out.append((key, dict(tok_s=figures["tok_s"], peak=figures["peak_gib"],
+                                      turns=against and against | {"windows": r["windows"]})))
         elif r.get("system") == "unsloth" and "tok_s" in r:  # unsloth_anchor
             key = ("long", r["path"], "qlora" if r["quant"] else "lora", "unsloth")
             out.append((key, dict(tok_s=r["tok_s"], peak=r["peak_gib"])))
@@ -369,6 +388,14 @@ def render(records: list[dict]) -> str:
                            f"{fmt(lo)} | {fmt(u)} | {ratio(lm, p)} | {ratio(lm, u)}, {ratio(lm, u, 'peak')} | "
                            f"{ratio(lo, u)}, {ratio(lo, u, 'peak')} | {goal} |")
         out.append("")
+        in_turns = [(k, v["turns"]) for k, v in i1.items() if v.get("turns")]
+        if in_turns:
+            out += ["Rows measured in turns (`--long-turns`, `bench_paired.py`): every system loaded at once, a "
+                    "window of steps each in turn, the order rotating; a ratio above is over all windows, and each "
+                    "window against Unsloth's next to it gives:", ""]
+            out += [f"- {k[1]} {k[2]}, {k[3]}: median {t['windows_median']}×, {t['windows_min']}–"
+                    f"{t['windows_max']}× over {t['windows']} windows" for k, t in in_turns]
+            out.append("")
 
     shapes = sorted({k[1] for k in i1 if k[0] == "real"})
     for shape in shapes:
@@ -458,6 +485,9 @@ def main() -> None:
     parser.add_argument("--long-rounds", type=int, default=1, help="processes per long-row system, taken in turn "
                         "(the plain path once); the table gives the median. At 1B, bound by the host, one process "
                         "per row moved by up to 22%% between runs")
+    parser.add_argument("--long-turns", action="store_true", help="loramill's long rows and Unsloth's loaded at "
+                        "once, timed in turns (bench_paired.py), instead of a process after another: the node's "
+                        "drift then falls on all of them alike")
     parser.add_argument("--realdata-shapes", nargs="*", default=["llama-1b"])
     parser.add_argument("--realdata-rows", nargs="+", default=[p[1] for p in REALDATA_PAIRS],
                         choices=[p[1] for p in REALDATA_PAIRS], help="loramill's rows to run, each with its Unsloth "

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
 
 import hf_baseline  # noqa: E402
+from turns import Turns  # noqa: E402
 from random_checkpoint import make_checkpoint  # noqa: E402
 
 from lora.config import LoraSettings, ModelSource, Quantization, Training  # noqa: E402
@@ -61,7 +62,7 @@ LORAMILL_SYSTEMS = {
 
 def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, steps: int, r: int,
                   profile: Path | None = None, profile_parts: tuple[bool, bool] = (True, True),
-                  memory_phases: bool = False) -> dict:
+                  memory_phases: bool = False, turns: int = 0) -> dict:
     torch.cuda.reset_peak_memory_stats()
     loading = time.perf_counter()
     quantization = Quantization(mode="nf4" if quant else "none")
@@ -95,6 +96,7 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
 
     # The allocator's history cannot record Python stacks on the compiled step (StepProfile's doc)
     profiled = StepProfile(profile, *profile_parts, stacks="compile" not in routes) if profile else None
+    turn = Turns() if turns else None  # bench_paired.py: the timed steps in windows of `turns`, when given the turn
 
     def progress(step: int) -> None:
         torch.cuda.synchronize()
@@ -107,6 +109,8 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
         if step == WARMUP + steps and profiled:
             profiled.steps = steps
             profiled.__exit__(None, None, None)
+        if turn and step >= WARMUP and (step - WARMUP) % turns == 0:
+            turn.hand_over(stamps[step]) if step < WARMUP + steps else turn.finish(stamps[step])
 
     step_peak: list[int] = []  # the peak from loading to the warm-up's end; then the timed steps' own
 
@@ -118,7 +122,7 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
         if profiled:  # stop recording: the next row must not inherit it (its memory replay would hold this row's)
             profiled.__exit__(type(error), error, error.__traceback__)
         raise
-    seconds = stamps[WARMUP + steps] - stamps[WARMUP]
+    seconds = sum(turn.seconds) if turn else stamps[WARMUP + steps] - stamps[WARMUP]
     trainable, _ = parameter_counts(model)
     result = dict(system=system, path=path.name, quant=quant, bs=batch, seq=seq,
                   r=r, steps=steps, tok_s=round(batch * seq * steps / seconds), peak_gib=round(max(step_peak[0], torch.cuda.max_memory_allocated()) / 2**30, 2),
@@ -154,7 +158,11 @@ def main() -> None:
                              "optimizer step): allocated as each starts and its peak")
     parser.add_argument("--profile-only", choices=["kernels", "memory"], default=None,
                         help="with --profile: record only the kernels, or only the allocator's history")
+    parser.add_argument("--turns", type=int, default=0, help="steps per window when bench_paired.py runs this "
+                        "process: each window waits for its turn (loramill systems only; --steps a multiple of it)")
     args = parser.parse_args()
+    if args.turns and (args.steps % args.turns or "plain" in args.systems):
+        parser.error("--turns: --steps must be a multiple of it, and the plain path does not take turns")
     args.root.mkdir(parents=True, exist_ok=True)
 
     rows = []
@@ -170,7 +178,7 @@ def main() -> None:
                         profile = args.profile / f"{system}-{shape}-{mode}" if args.profile else None
                         parts = (args.profile_only != "memory", args.profile_only != "kernels")
                         row = loramill_step(path, quant, system, 4, 2048, args.steps, 16, profile, parts,
-                                            args.memory_phases)
+                                            args.memory_phases, args.turns)
                 except Exception as e:  # one failing row (out of memory, a kernel) must not lose the others
                     row = dict(system=system, path=shape, quant=quant, error=f"{type(e).__name__}: {e}"[:300])
                     print(json.dumps(row), flush=True)
