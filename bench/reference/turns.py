@@ -19,7 +19,8 @@ class Turns:
     def hand_over(self, now: float | None = None) -> None:
         """End the running window at ``now`` (the first call: say ready), then wait for the next turn."""
         self._end(now)
-        sys.stdin.readline()
+        if not sys.stdin.readline():  # the coordinator is gone (stopped by the bench's budget): so is this process
+            raise SystemExit("bench_paired.py closed this process's turns")
         self.started = time.perf_counter()
 
     def finish(self, now: float) -> None:
