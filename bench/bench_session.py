@@ -56,9 +56,10 @@ SITE, USITE = Path("/tmp/site"), Path("/tmp/usite")
 DATA = "data/medical/train.jsonl"
 LONG = str(CKPT / "long.jsonl")  # written by bench_realdata.long_conversations (14 examples a chat)
 UNSLOTH_STEPS = 20  # unsloth_realdata times the steps after 3 warm-up steps: 17 timed steps
-# Long rows' timed steps (after 3 warm-up steps), the same for every system: about 7 s of loramill's step. The 1B step
-# is bound by the host; 8 steps of it (1.4 s) moved by up to 22% between processes on 2026-12-01, where one
-# garbage collection or scheduling hiccup is several percent of the window.
+# Long rows' timed steps (after 3 warm-up steps), the same for every system: about 7 s of loramill's step, where 8
+# steps (1.4 s at 1B) let one hiccup of the host count for several percent. It did not steady the 1B rows: they
+# drifted by 1.4x within one call with 40 (results/session_h200_2026-12-01h.md), the node's doing; --long-turns is
+# the bench for that.
 LONG_TIMED_STEPS = {"llama-1b": 40, "llama-8b": 10}
 TURN_WINDOWS = 10  # --long-turns: the timed steps in this many windows a system (bench_paired.py)
 
