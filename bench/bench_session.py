@@ -7,7 +7,7 @@ Parts, in this order (each a process of its own; the exact command lines are rec
 1. long rows, batch 4 x 2048 random tokens: ``bench/bench_speed.py`` once per system (plain path, loramill's default
    step and the same with ``train.offload_checkpoints``; QLoRA and bf16 LoRA), then ``bench/reference/unsloth_anchor.py`` on the
    same checkpoint (QLoRA and bf16 LoRA); ``--long-rounds N``: N processes per system (the plain path once), taken
-   in turn, and the table gives each row's median round and range; ``--long-turns``: instead, the plain path once,
+   in turn, and the table gives each row's median and range; ``--long-turns``: instead, the plain path once,
    then loramill's two systems and Unsloth loaded at once and timed in turns by ``bench/bench_paired.py`` (a
    window of steps each, the order rotating), so that the node's drift falls on all of them alike;
 2. real data (``data/medical/train.jsonl``, 1B shape, 4-bit): ``bench/bench_realdata.py`` at the token budgets that
@@ -24,8 +24,9 @@ Parts, in this order (each a process of its own; the exact command lines are rec
 The two environments do not mix: loramill's parts run with ``PYTHONPATH=/tmp/site:REPO`` (``.gpu-bundle``), Unsloth's
 with ``PYTHONPATH=/tmp/usite`` (``.unsloth-bundle``). Each bundle is installed from the checkout when it is there
 and not installed yet; both stay in /tmp while the machine is warm. The two bundles (41 + 52 MiB) do not fit into one
-64 MiB transfer, so on the device tool the session is: one call carrying ``.unsloth-bundle`` (``--setup-only``), then
-calls carrying ``.gpu-bundle`` and ``.gpu-tokenizer`` that run the whole bench (see the results file). A bench
+64 MiB transfer, so on the device tool the session is: one call carrying one bundle (``--setup-only``), then calls
+carrying the other and ``.gpu-tokenizer`` that run the whole bench (``results/session_h200_2026-12-01h.md``: the
+setup with ``.gpu-bundle``, its install script run and ``PYTHONPATH=/tmp/site:$PWD`` exported first). A bench
 longer than one call (``--budget`` stops it in time) goes on in the next with ``--resume``, its JSON from the call
 before copied into ``--out-dir`` first (the device tool's ``$OUT`` starts empty).
 
@@ -44,6 +45,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -279,16 +281,17 @@ def setup_only(args) -> None:
 # ---------------------------------------------------------------------------------------------------------------- table
 
 def index(record: dict) -> dict:
-    """Rows by a key that is the same across runs; a key measured in several rounds gets its median round's row,
-    with the highest peak and every round's tok/s (``runs``)."""
+    """Rows by a key that is the same across runs; a key measured in several rounds gets the median of its rounds'
+    tok/s and step time (of two rounds: their mean), the highest peak and every round's tok/s (``runs``)."""
     rounds: dict[tuple, list[dict]] = {}
     for key, row in keyed_rows(record):
         rounds.setdefault(key, []).append(row)
     out = {}
     for key, rows in rounds.items():
-        ranked = sorted(rows, key=lambda r: r["tok_s"])
-        out[key] = ranked[(len(ranked) - 1) // 2] | dict(peak=max(r["peak"] for r in rows),
-                                                          runs=[r["tok_s"] for r in rows])
+        out[key] = rows[0] | dict(tok_s=round(statistics.median(r["tok_s"] for r in rows)),
+                                  peak=max(r["peak"] for r in rows), runs=[r["tok_s"] for r in rows])
+        if len(rows) > 1 and all(r.get("step_s") for r in rows):
+            out[key]["step_s"] = round(statistics.median(r["step_s"] for r in rows), 3)
     return out
 
 
@@ -371,7 +374,7 @@ def render(records: list[dict]) -> str:
                 f"tok/s over the timed steps after 3 warm-up steps, the same for all systems ({', '.join(sorted(timed))}"
                 "); peak is "
                 "`torch.cuda.max_memory_allocated`. Measured in several rounds (`--long-rounds`, a process per "
-                "system and round), a row gives its median round and the range.", "",
+                "system and round), a row gives the median of its rounds and their range.", "",
                 "loramill offloaded: the same step with `train.offload_checkpoints: true`. The goal is met where "
                 "either of loramill's rows is at or above Unsloth's speed at no more than its memory.", "",
                 "| shape, mode | plain path | loramill | loramill offloaded | Unsloth | loramill / plain | "

@@ -16,7 +16,7 @@ class Turns:
         self.seconds: list[float] = []  # each window's time, waits excluded
         self.started: float | None = None
 
-    def hand_over(self, now: float | None = None) -> None:
+    def hand_over(self, now: float) -> None:
         """End the running window at ``now`` (the first call: say ready), then wait for the next turn."""
         self._end(now)
         if not sys.stdin.readline():  # the coordinator is gone (stopped by the bench's budget): so is this process
@@ -27,7 +27,7 @@ class Turns:
         """End the last window; the process then goes on to print its result and exit."""
         self._end(now)
 
-    def _end(self, now: float | None) -> None:
+    def _end(self, now: float) -> None:
         if self.started is not None:
             self.seconds.append(now - self.started)
         print(json.dumps({"turn_done": self.seconds[-1] if self.started is not None else None}), flush=True)
