@@ -370,11 +370,13 @@ def render(records: list[dict]) -> str:
         # rows from before the bench set the steps per shape say nothing: bench_speed's default, 8
         timed = {f"{r['path']}: {r.get('steps', 8)}" for r in first["rows"] if r["part"].startswith("long rows")
                  and "tok_s" in r}
+        in_turns = [(k, v["turns"]) for k, v in i1.items() if v.get("turns")]
+        how = ("Measured in turns (`--long-turns`, below): a row gives the tokens over all of its windows."
+               if in_turns else "Measured in rounds (`--long-rounds`, a process per system and round): a row gives "
+               "the median of its rounds and their range.")
         out += ["## Long rows: batch 4 × 2048 random tokens, r=16/α=32 all linear layers, gradient checkpointing", "",
                 f"tok/s over the timed steps after 3 warm-up steps, the same for all systems ({', '.join(sorted(timed))}"
-                "); peak is "
-                "`torch.cuda.max_memory_allocated`. Measured in several rounds (`--long-rounds`, a process per "
-                "system and round), a row gives the median of its rounds and their range.", "",
+                f"); peak is `torch.cuda.max_memory_allocated`. {how}", "",
                 "loramill offloaded: the same step with `train.offload_checkpoints: true`. The goal is met where "
                 "either of loramill's rows is at or above Unsloth's speed at no more than its memory.", "",
                 "| shape, mode | plain path | loramill | loramill offloaded | Unsloth | loramill / plain | "
@@ -392,7 +394,6 @@ def render(records: list[dict]) -> str:
                            f"{fmt(lo)} | {fmt(u)} | {ratio(lm, p)} | {ratio(lm, u)}, {ratio(lm, u, 'peak')} | "
                            f"{ratio(lo, u)}, {ratio(lo, u, 'peak')} | {goal} |")
         out.append("")
-        in_turns = [(k, v["turns"]) for k, v in i1.items() if v.get("turns")]
         if in_turns:
             out += ["Rows measured in turns (`--long-turns`, `bench_paired.py`): every system loaded at once, a "
                     "window of steps each in turn, the order rotating; a ratio above is over all windows, and each "
