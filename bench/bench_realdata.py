@@ -4,7 +4,8 @@ conversations made of those examples (each about 1,900 tokens: 14 consecutive ex
 
 Random-weight Llama shapes (bench/random_checkpoint.py) in 4-bit NF4, LoRA r=16 / alpha 32 on every linear layer,
 gradient checkpointing, Liger's fused loss and compiled blocks (``--no-compile-blocks``: Liger's kernels alone),
-the functions a Ray Train worker runs (one base load per shape; the adapter is
+packed rows in the attention a one-GPU run takes (``--attention``: ``train.attention``), the functions a Ray Train
+worker runs (one base load per shape; the adapter is
 unloaded between rows). Real (non-padding) tokens per second over the steps after 3 warm-up steps; peak GiB is
 torch.cuda.max_memory_allocated during the row. Each file is repeated 40 times, as the Unsloth
 anchor on the same files (reference/unsloth_realdata.py, run by bench_session.py in the same session) repeats it.
@@ -30,7 +31,8 @@ from random_checkpoint import make_checkpoint  # noqa: E402
 
 from lora.config import LoraSettings, ModelSource, Quantization, Training  # noqa: E402
 from lora.data import load_examples  # noqa: E402
-from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels  # noqa: E402
+from lora.fast import (compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels,  # noqa: E402
+                       use_packed_attention)
 from lora.model import dispatch_backend, load_base_model, load_tokenizer, prepare_trainable  # noqa: E402
 import lora.train  # noqa: E402
 from lora.train import Batching, Shard, TrainState, build_optimizer, train  # noqa: E402
@@ -61,7 +63,7 @@ def long_conversations(source: Path, target: Path, per_conversation: int = 14) -
 
 
 def run_row(base, backend, examples, batching: str, size: int, steps: int, compile_blocks: bool,
-            offload: bool) -> dict:
+            offload: bool, attention: str) -> dict:
     torch.cuda.reset_peak_memory_stats()
     budget = {"micro_batch_size": size} if batching == "padded" else {"batch_tokens": size}
     cfg = Training(max_steps=WARMUP + steps, learning_rate=1e-4, lr_schedule="constant", max_seq_len=2048,
@@ -73,6 +75,8 @@ def run_row(base, backend, examples, batching: str, size: int, steps: int, compi
         compile_decoder_layers(model, backend)
     if cfg.offload_checkpoints:  # as the worker does (pipelines/train_worker.py)
         offload_checkpointed_inputs(model, backend)
+    attention = use_packed_attention(model, attention, backend, packed=batching == "packed", world_size=1)[0]
+    cfg = cfg.model_copy(update={"attention": attention})
     shard = Shard(examples, examples[:1], rank=0, world_size=1)
     optimizer, scheduler = build_optimizer(model, cfg, cfg.max_steps)
     state = TrainState()
@@ -85,10 +89,11 @@ def run_row(base, backend, examples, batching: str, size: int, steps: int, compi
     train(model, optimizer, scheduler, shard, cfg, state, lambda *a: None, pad_id=0, device=backend.device,
           progress=progress)
     (t0, tokens0), (t1, tokens1) = stamps[WARMUP], stamps[WARMUP + steps]
-    result = dict(batching=batching, size=size, real_tok_s=round((tokens1 - tokens0) / (t1 - t0)),
+    result = dict(batching=batching, size=size, attention=attention,
+                  real_tok_s=round((tokens1 - tokens0) / (t1 - t0)),
                   tokens_per_step=round((tokens1 - tokens0) / steps), step_s=round((t1 - t0) / steps, 3),
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                  padding=round(shard.padding_fraction(Batching.of(cfg)), 3))
+                  padding=round(shard.padding_fraction(Batching.of(cfg)), 3), plan=Batching.of(cfg).describe())
     del optimizer, scheduler
     base = model.unload()  # as a Tune actor gives its base back (pipelines/train_worker.py)
     base.disable_input_require_grads()
@@ -106,9 +111,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--root", type=Path, default=Path("/tmp/ckpt"))
     parser.add_argument("--rows", nargs="+", default=None, help="data:batching:size rows instead of the default set")
-    parser.add_argument("--attention", default=None, help="attn_implementation to switch the base to (e.g. "
-                        "flex_attention); default: what loramill loads")
-    parser.add_argument("--row-tokens", type=int, default=None, help="packed row length (lora.train.PACKED_ROW_TOKENS)")
+    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flex_attention"],
+                        help="train.attention (auto: flex attention for packed rows, SDPA for padded ones, as a "
+                        "one-GPU run chooses)")
+    parser.add_argument("--row-tokens", type=int, default=None, help="SDPA's packed row length "
+                        "(lora.train.PACKED_ROW_TOKENS)")
     parser.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=True,
                         help="compile each block, as train.compile_blocks does by default (Liger then keeps only its "
                         "fused loss); --no-compile-blocks: Liger's kernels alone, as before")
@@ -135,20 +142,16 @@ def main() -> None:
         kernels = use_fused_kernels(base, backend, block_kernels=not args.compile_blocks)
         kernels += "; torch.compile of each block" if args.compile_blocks else ""
         kernels += "; block inputs in host memory" if args.offload else ""
-        if args.attention:
-            base.set_attn_implementation(args.attention)
-        attention = base.config._attn_implementation
         rows_here = [(d, b, int(n)) for d, b, n in (r.split(":") for r in args.rows)] if args.rows else ROWS[shape]
         for data, batching, size in rows_here:
             try:
                 row = run_row(base, backend, examples[data], batching, size, args.steps, args.compile_blocks,
-                              args.offload)
+                              args.offload, args.attention)
             except Exception as e:  # one failing row (out of memory) must not lose the others
                 row = dict(batching=batching, size=size, error=f"{type(e).__name__}: {e}"[:300])
                 gc.collect()
                 torch.cuda.empty_cache()
-            row = dict(system="loramill", shape=shape, data=data, kernels=kernels, attention=attention,
-                       row_tokens=lora.train.PACKED_ROW_TOKENS, file_repeats=FILE_REPEATS) | row
+            row = dict(system="loramill", shape=shape, data=data, kernels=kernels, file_repeats=FILE_REPEATS) | row
             print(json.dumps(row), flush=True)
             rows.append(row)
         del base

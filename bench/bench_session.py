@@ -318,7 +318,8 @@ def keyed_rows(record: dict) -> list[tuple[tuple, dict]]:
         elif r.get("system") == "loramill" and "real_tok_s" in r:  # bench_realdata
             key = ("real", r["shape"], f"{r['data']}:{r['batching']}:{r['size']}", "loramill")
             out.append((key, dict(tok_s=r["real_tok_s"], peak=r["peak_gib"], step_s=r["step_s"],
-                                  tokens_per_step=r["tokens_per_step"], padding=r.get("padding"))))
+                                  tokens_per_step=r["tokens_per_step"], padding=r.get("padding"),
+                                  attention=r.get("attention"))))
         elif r.get("system") == "unsloth+trl":  # unsloth_realdata
             key = ("real", r["shape"], f"{r['data']}:{r['bs']}:{'pack' if r['packing'] else 'nopack'}", "unsloth")
             out.append((key, dict(tok_s=r["real_tok_s"], peak=r["peak_gib"], step_s=r["step_s"],
@@ -421,6 +422,7 @@ def render(records: list[dict]) -> str:
             if lm:
                 examples = f" ≈ {lm['tokens_per_step'] / mean[data]:.0f} examples" if data in mean else ""
                 extra = f", {lm['tokens_per_step']:,} tokens a step{examples}"
+                extra += f", {lm['attention']}" if lm.get("attention") else ""
             uextra = f", {u['tokens_per_step']:,} tokens a step" if u else ""
             utext = f"{bs} examples, padding-free" if mode == "nopack" else f"{bs} × 2048 packed"
             out.append(f"| {label} | `batch_tokens` {budget}: {fmt(lm, extra)} | {utext}: {fmt(u, uextra)} | "

@@ -138,10 +138,18 @@ class Training(Section):
     """Examples per worker per forward pass, each padded to the longest (used when ``batch_tokens`` is not set)."""
     batch_tokens: int | None = Field(None, gt=0)
     """Token budget of a micro batch (per worker), instead of an example count: whole examples are packed
-    padding-free into rows of ``min(batch_tokens, max(max_seq_len, 2048))`` tokens, as many as the budget holds,
-    with attention kept inside each example. Every step then carries about the same number of real tokens, however
-    short the examples are. Causal LMs only. Unset on a GPU: 16384, halved while the step's activations would not fit
-    in half of the memory the loaded base leaves free (``lora.train.gpu_batch_tokens``)."""
+    padding-free into rows (their width: ``attention``), as many rows as the budget holds, with attention kept
+    inside each example. Every step then carries about the same number of real tokens, however short the examples
+    are. Causal LMs only. Unset on a GPU: 16384, halved while the step's activations would not fit in half of the
+    memory the loaded base leaves free (``lora.train.gpu_batch_tokens``)."""
+    attention: Literal["auto", "sdpa", "flex_attention"] = "auto"
+    """How packed rows keep each example to itself. ``flex_attention``: the whole ``batch_tokens`` budget in one
+    row, whose block mask skips the other examples' tokens, so only the row's end is padding (CUDA only: flex
+    attention has no backward pass on CPU). ``sdpa``: rows of ``min(batch_tokens, max(max_seq_len, 2048))``, each
+    with a dense mask, so an example that does not fit a row's rest leaves it padding (26% of the rows for examples
+    of 1,500 tokens). ``auto``: flex attention for packed batches on CUDA with one worker (several were not measured
+    yet), SDPA otherwise. On an H200 at 16k tokens a step, 8B QLoRA: 1.38x the real tokens/s of SDPA's rows on long
+    chats, 1.19x on short examples (bench/SPEED_NOTES.md 13); the first run on a node compiles its kernels."""
     grad_accum: int = Field(1, gt=0)
     """Micro batches per optimizer step. Global batch = micro_batch_size * grad_accum * workers."""
     max_seq_len: int = Field(512, ge=16)
@@ -454,6 +462,9 @@ class Config(Section):
         if classify and self.train.batch_tokens is not None:
             problems.append("train.batch_tokens: packing is for causal LMs (a classifier reads one label per row); "
                             "remove it and set train.micro_batch_size")
+        if self.train.attention == "flex_attention" and (classify or not self.cluster.use_gpu):
+            problems.append("train.attention: flex_attention is for packed causal LM batches on CUDA (it has no "
+                            "backward pass on CPU); set train.attention=auto")
         if problems:  # one line each, already "dotted.path: ..." (format_validation_error splits them)
             raise ValueError("\n".join(problems))
         return self

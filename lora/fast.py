@@ -5,9 +5,10 @@ from the last hidden states, so the ``tokens x vocabulary`` logits (4 GiB in flo
 vocabulary, plus their gradient) never exist; RMSNorm, SwiGLU and RoPE become one Triton kernel each instead of
 several elementwise launches. LoRA keeps working: the fused MLP still calls the (LoRA-wrapped) projections.
 
-Two more routes for the step on CUDA: torch.compile of each transformer block (fuses what the LoRA layers and the
-block add around the matmuls), and the checkpointed blocks' inputs kept in host memory (less GPU memory). Each
-returns what it did, or why not, for ``run_info.json``'s ``kernels``; bench/SPEED_NOTES.md has what each measured.
+More routes for the step on CUDA: torch.compile of each transformer block (fuses what the LoRA layers and the
+block add around the matmuls), the checkpointed blocks' inputs kept in host memory (less GPU memory), and flex
+attention for packed rows (a row as wide as the token budget, no attention across its examples). Each returns
+what it did, or why not, for ``run_info.json``'s ``kernels``; bench/SPEED_NOTES.md has what each measured.
 """
 
 from __future__ import annotations
@@ -91,6 +92,26 @@ def compile_decoder_layers(model: nn.Module, backend: Backend,
     compile_blocks(blocks)
     return f"torch.compile of {len(blocks)} blocks" + (
         f" (their {len(four_bit)} 4-bit layers dequantized by {', '.join(sorted(routes))})" if four_bit else "")
+
+
+def use_packed_attention(model: nn.Module, choice: str, backend: Backend, packed: bool,
+                         world_size: int) -> tuple[str, str]:
+    """Switch ``model`` to the attention ``train.attention`` asks for, ``auto`` resolved: flex attention for packed
+    batches on CUDA with one worker, SDPA otherwise. Returns the attention (``lora.train.Batching`` makes the rows
+    for it) and what was done and why, for the run's record."""
+    if choice != "auto":
+        attention, why = choice, "train.attention"
+    elif not packed:
+        attention, why = "sdpa", "micro batches of padded examples"
+    elif backend.device.type != "cuda":
+        attention, why = "sdpa", "flex attention has no backward pass on CPU"
+    elif world_size > 1:
+        attention, why = "sdpa", f"flex attention is used for one worker only ({world_size} here, not measured)"
+    else:
+        attention, why = "flex_attention", "one packed row a micro batch, its block mask keeping examples apart"
+    if model.config._attn_implementation != attention:  # a borrowed base keeps what the run before it chose
+        model.set_attn_implementation(attention)
+    return attention, f"attention: {attention} ({why})"
 
 
 RECOMPILE_LIMIT = 64

@@ -77,7 +77,7 @@ class TrainState:
 class Batching:
     """How an epoch is cut into micro batches. Padded (``row_len`` None): ``micro_batch_size`` examples, each a row
     padded to the longest. Packed (``train.batch_tokens``): rows of ``row_len`` tokens filled with whole examples,
-    ``rows`` rows a micro batch, no padding between examples."""
+    ``rows`` rows a micro batch, no padding between examples; with flex attention one row of the whole budget."""
 
     micro_batch_size: int
     seed: int
@@ -89,6 +89,9 @@ class Batching:
     def of(cls, cfg: Training) -> Batching:
         if cfg.batch_tokens is None:
             return cls(cfg.micro_batch_size, cfg.seed, cfg.group_by_length)
+        if cfg.attention == "flex_attention":  # its block mask skips the other examples: a wide row costs nothing
+            return cls(cfg.micro_batch_size, cfg.seed, row_len=cfg.batch_tokens, rows=1)
+        # SDPA's dense mask costs a row's width squared
         row_len = min(cfg.batch_tokens, max(cfg.max_seq_len, PACKED_ROW_TOKENS))
         return cls(cfg.micro_batch_size, cfg.seed, row_len=row_len, rows=cfg.batch_tokens // row_len)
 

@@ -24,7 +24,7 @@ from ray.train import Checkpoint
 from lora.base_eval import measurement_key, remember, reused
 from lora.config import Config, Domain
 from lora.data import load_examples, load_labelled_examples
-from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels
+from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels, use_packed_attention
 from lora.model import (
     Backend,
     dispatch_backend,
@@ -118,13 +118,16 @@ def train_domain(cfg: Config, domain: Domain, session: WorkerSession, display: D
         kernels.append(f"none: blocks are compiled for one worker only ({world_size} here, not measured together)")
     if cfg.train.offload_checkpoints:
         kernels.append(offload_checkpointed_inputs(model, backend))
-    kernels = "; ".join(kernels)
     chosen_by = ""
     if cfg.cluster.use_gpu and chat and cfg.train.batch_tokens is None:
         train_cfg = cfg.train.model_copy(update={"batch_tokens": _budget_for_this_gpu(model, cfg, backend.device)})
         cfg = cfg.model_copy(update={"train": train_cfg})
         chosen_by = (" (the GPU default for this model and free memory, as train.batch_tokens is unset; "
                      "train.micro_batch_size is not used)")
+    attention, attention_note = use_packed_attention(model, cfg.train.attention, backend,
+                                                     cfg.train.batch_tokens is not None, world_size)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"attention": attention})})
+    kernels = "; ".join([*kernels, attention_note])
 
     shard = Shard(train_examples, eval_share(eval_examples, cfg.train.max_eval_examples, rank, world_size), rank,
                   world_size)

@@ -5,8 +5,8 @@ import torch
 from typer.testing import CliRunner
 
 from lora.config import LoraSettings, ModelSource, Quantization
-from lora.data import TokenizedExample
-from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels
+from lora.data import TokenizedExample, collate_packed
+from lora.fast import compile_decoder_layers, offload_checkpointed_inputs, use_fused_kernels, use_packed_attention
 from lora.model import apply_lora, dispatch_backend, load_base_model
 from lora.train import evaluate
 from pipelines.cli import app
@@ -49,8 +49,10 @@ def test_one_gpu_ray_train_run(ray_cluster, tiny_config_file):
 
 
 def _loss_and_lora_grads(model_dir, fused: bool, compiled: bool = False, offloaded: bool = False,
-                         four_bit: bool = False, dequantization: str = "triton",
+                         four_bit: bool = False, dequantization: str = "triton", packed_attention: str | None = None,
                          ) -> tuple[str, torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step's loss and LoRA gradients: on two rows of 64 random tokens, or with ``packed_attention``
+    on one packed row of examples of several lengths in that attention."""
     quant = Quantization(mode="nf4" if four_bit else "none")
     backend = dispatch_backend(quant, use_gpu=True)
     model = load_base_model(model_dir, ModelSource(id=str(model_dir)), quant, backend)
@@ -61,6 +63,8 @@ def _loss_and_lora_grads(model_dir, fused: bool, compiled: bool = False, offload
         kernels = compile_decoder_layers(model, backend, dequantization)
     if offloaded:
         kernels = offload_checkpointed_inputs(model, backend)
+    if packed_attention:  # after compiling, as the worker chooses it
+        kernels += "; " + use_packed_attention(model, packed_attention, backend, packed=True, world_size=1)[1]
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at 0, which would leave every A gradient 0: compare non-trivial ones
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator(p.device).manual_seed(len(name)))
@@ -68,7 +72,11 @@ def _loss_and_lora_grads(model_dir, fused: bool, compiled: bool = False, offload
     ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
     labels = ids.clone()
     labels[:, :10] = -100  # prompt tokens: ignored, as assistant-only loss does
-    loss = model(input_ids=ids, labels=labels).loss
+    batch = {"input_ids": ids, "labels": labels}
+    if packed_attention:
+        examples = [TokenizedExample(ids[0, :n].tolist(), [-100] * 10 + ids[0, 10:n].tolist()) for n in (64, 23, 50)]
+        batch = {k: v.cuda() for k, v in collate_packed([examples], 0, width=160).items()}  # 23 tokens padding
+    loss = model(**batch).loss
     loss.backward()
     grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
     return kernels, loss.detach().float(), grads
@@ -95,6 +103,21 @@ def test_compiled_blocks_and_offloaded_checkpoints_match_the_eager_step(tiny_mod
         for name, grad in grads.items():
             error = (grad - eager_grads[name]).norm() / eager_grads[name].norm()
             assert error < 0.05, f"{route} {name}: relative gradient difference {error:.3f} (bf16 compute)"
+
+
+def test_flex_attention_on_a_packed_row_trains_as_sdpa_does(tiny_model_dir):
+    """The packed attention a GPU run takes (``train.attention: auto``), compiled blocks and all, has the loss and
+    gradients of SDPA's dense mask on the same row: its block mask keeps each example to itself in the backward
+    pass too (no CPU test can: flex attention has no backward pass there)."""
+    _, sdpa_loss, sdpa_grads = _loss_and_lora_grads(tiny_model_dir, fused=True, compiled=True, packed_attention="sdpa")
+    kernels, loss, grads = _loss_and_lora_grads(tiny_model_dir, fused=True, compiled=True,
+                                                packed_attention="flex_attention")
+    assert kernels == "torch.compile of 2 blocks; attention: flex_attention (train.attention)", kernels
+    assert torch.allclose(loss, sdpa_loss, rtol=1e-2), (loss, sdpa_loss)
+    assert grads.keys() == sdpa_grads.keys()
+    for name, grad in grads.items():
+        error = (grad - sdpa_grads[name]).norm() / sdpa_grads[name].norm()
+        assert error < 0.05, f"{name}: relative gradient difference {error:.3f} (bf16 compute)"
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

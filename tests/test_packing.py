@@ -9,7 +9,8 @@ from torch import nn
 
 from lora.config import ConfigError, ModelSource, Training, load_config
 from lora.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed, epoch_order, load_examples
-from lora.model import load_tokenizer
+from lora.fast import use_packed_attention
+from lora.model import Backend, load_tokenizer
 from lora.train import Batching, Shard, evaluate, gpu_batch_tokens, pack_rows
 from tests.conftest import DATA
 from tests.test_model import load
@@ -83,6 +84,54 @@ def test_packed_evaluation_equals_padded_evaluation(tiny_model_dir, legal):
     assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-5)
 
 
+def test_flex_attention_keeps_apart_the_examples_of_a_row_as_wide_as_the_budget(tiny_model_dir, legal):
+    """CUDA's packed attention: one row of the whole budget, flex attention's block mask keeping each example to
+    itself. Forward only: flex attention has no backward pass on CPU (tests/test_gpu.py compares its step with
+    SDPA's on CUDA)."""
+    examples, pad_id = legal
+    model, backend = load(tiny_model_dir, mode="none")
+    model.eval()
+    batching = Batching.of(Training(batch_tokens=1024, max_seq_len=256, attention="flex_attention"))
+    assert (batching.rows, batching.row_len) == (1, 1024)
+    rows = Shard(examples, [], 0, 1).micro_batch(0, 0, batching)
+    assert len(rows) == 1 and len(rows[0]) >= 4  # several examples, short of the row's end (padding)
+    batch = batching.collate(rows, pad_id)
+    assert (batch["input_ids"] == pad_id).any()
+    try:
+        assert use_packed_attention(model, "flex_attention", backend, packed=True, world_size=1)[0] == "flex_attention"
+        assert model.config._attn_implementation == "flex_attention"
+        with torch.no_grad():
+            packed = _token_losses(model, batch)[0]
+            flex_eval = evaluate(model, examples[:12], 4, pad_id, backend.device, batching)
+    finally:
+        use_packed_attention(model, "sdpa", backend, packed=True, world_size=1)
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        start = 0
+        for example in rows[0]:
+            n = len(example.input_ids)
+            alone = _token_losses(model, collate([example], pad_id))[0]
+            torch.testing.assert_close(packed[start : start + n - 1], alone, rtol=1e-4, atol=1e-5)
+            start += n
+        padded_eval = evaluate(model, examples[:12], 4, pad_id, backend.device)
+    assert flex_eval["eval_loss"] == pytest.approx(padded_eval["eval_loss"], rel=1e-5)
+
+
+def test_auto_attention_is_flex_for_packed_batches_on_one_cuda_worker_only(tiny_model_dir):
+    model, cpu = load(tiny_model_dir, mode="none")
+    cuda = Backend(torch.device("cuda"), cpu.compute_dtype, cpu.four_bit)  # the choice only: nothing runs on it
+    assert use_packed_attention(model, "auto", cpu, packed=True, world_size=1)[1] == (
+        "attention: sdpa (flex attention has no backward pass on CPU)")
+    assert use_packed_attention(model, "auto", cuda, packed=False, world_size=1)[0] == "sdpa"
+    assert use_packed_attention(model, "auto", cuda, packed=True, world_size=2)[0] == "sdpa"
+    assert model.config._attn_implementation == "sdpa"
+    assert use_packed_attention(model, "auto", cuda, packed=True, world_size=1)[0] == "flex_attention"
+    assert model.config._attn_implementation == "flex_attention"
+    # SDPA's rows stay as wide as max(max_seq_len, 2048) within the budget, several a micro batch.
+    sdpa = Batching.of(Training(batch_tokens=16384, max_seq_len=1024, attention="sdpa"))
+    assert (sdpa.rows, sdpa.row_len) == (8, 2048)
+
+
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_the_packed_plan_gives_each_example_once_ranks_apart_within_the_budget(world_size):
     lengths = [int(n) for n in torch.randint(10, 400, (203,), generator=torch.Generator().manual_seed(1))]
@@ -110,11 +159,13 @@ def test_the_packed_plan_gives_each_example_once_ranks_apart_within_the_budget(w
     assert Shard(examples, [], 0, world_size).plan(3, batching) != plans[0]
 
 
-def test_a_budget_below_one_row_and_packing_a_classifier_are_config_errors(tiny_config_file):
+def test_a_budget_below_one_row_packing_a_classifier_and_flex_attention_on_cpu_are_config_errors(tiny_config_file):
     with pytest.raises(ValueError, match="batch_tokens .* must be at least max_seq_len"):
         Training(batch_tokens=128, max_seq_len=256)
     with pytest.raises(ConfigError, match="train.batch_tokens: packing is for causal LMs"):
         load_config(tiny_config_file(train={"batch_tokens": 1024}), ["task=sequence_classification"])
+    with pytest.raises(ConfigError, match="train.attention: flex_attention is for packed causal LM batches on CUDA"):
+        load_config(tiny_config_file(train={"batch_tokens": 1024, "attention": "flex_attention"}))
 
 
 def test_a_gpu_run_without_a_budget_gets_one_that_fits_its_free_memory():
