@@ -28,10 +28,11 @@ STATE_FILE = "trainer_state.pt"
 LENGTH_GROUP_WINDOW = 16
 """Micro batches per length-sorting window (``train.group_by_length``)."""
 PACKED_ROW_TOKENS = 2048
-"""Row length of packed micro batches, unless ``max_seq_len`` is longer or ``batch_tokens`` shorter. On an H200 the
-1B shape trained as fast on rows of 512, 1024 and 2048 tokens; rows of 4096 took more memory (6.1 GiB instead of 3.7
-at 8k tokens a step) and were slower at 16k and 32k (bench/SPEED_NOTES.md): longer rows waste less of their end, but
-their attention grows with their length."""
+"""Row length of packed micro batches under SDPA (flex attention takes one row of the whole budget), unless
+``max_seq_len`` is longer or ``batch_tokens`` shorter. On an H200 the 1B shape trained as fast on rows of 512, 1024
+and 2048 tokens; rows of 4096 took more memory (6.1 GiB instead of 3.7 at 8k tokens a step) and were slower at 16k and
+32k (bench/SPEED_NOTES.md): longer rows waste less of their end, but under SDPA a row's attention grows with the
+square of its length."""
 GPU_BATCH_TOKENS = 16384
 """``train.batch_tokens`` of a GPU run of a causal LM whose config leaves it unset (``gpu_batch_tokens``): on an H200
 the 1B shape in 4-bit trained 27k real tokens/s at 16k tokens a step and 30.5k at 32k, for 5 GiB instead of 9
