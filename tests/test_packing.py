@@ -133,23 +133,24 @@ def test_auto_attention_is_flex_for_packed_batches_on_one_cuda_worker_only(tiny_
 
 
 @pytest.mark.parametrize("world_size", [1, 3])
-def test_the_packed_plan_gives_each_example_once_ranks_apart_within_the_budget(world_size):
+@pytest.mark.parametrize("rows", [3, 1])  # SDPA's rows; flex attention's one row of the budget
+def test_the_packed_plan_gives_each_example_once_ranks_apart_within_the_budget(world_size, rows):
     lengths = [int(n) for n in torch.randint(10, 400, (203,), generator=torch.Generator().manual_seed(1))]
     examples = [TokenizedExample([i] * n, [i] * n) for i, n in enumerate(lengths)]
-    batching = Batching(4, seed=7, row_len=512, rows=3)
+    batching = Batching(4, seed=7, row_len=512, rows=rows)
     plans = [Shard(examples, [], rank, world_size).plan(2, batching) for rank in range(world_size)]
     assert len({len(plan) for plan in plans}) == 1  # every rank takes the same number of micro batches
-    seen = [i for plan in plans for rows in plan for row in rows for i in row]
+    seen = [i for plan in plans for packed in plan for row in packed for i in row]
     assert len(seen) == len(set(seen))  # no example twice, on any rank
-    # Packed a round (3 rows for each rank) at a time: every example but those of a last round too small to give
+    # Packed a round (``rows`` rows for each rank) at a time: every example but those of a last round too small to give
     # each rank a row.
-    rounds = pack_rows(epoch_order(203, 2, 7), lengths, 512, 3 * world_size)
-    assert sorted(seen) == sorted(i for rows in rounds if len(rows) >= world_size for row in rows for i in row)
-    assert all(len(rows) == 3 * world_size for rows in rounds[:-1])  # only the last round can be left out
+    rounds = pack_rows(epoch_order(203, 2, 7), lengths, 512, rows * world_size)
+    assert sorted(seen) == sorted(i for packed in rounds if len(packed) >= world_size for row in packed for i in row)
+    assert all(len(packed) == rows * world_size for packed in rounds[:-1])  # only the last round can be left out
     for plan in plans:
-        for rows in plan:
-            assert 1 <= len(rows) <= 3
-            assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+        for packed in plan:
+            assert 1 <= len(packed) <= rows
+            assert all(sum(lengths[i] for i in row) <= 512 for row in packed)
     # The ranks' micro batches of a round differ by one row at most, the epoch's last round too: no rank waits for
     # another's extra micro batch.
     for same_step in zip(*plans, strict=True):
