@@ -142,8 +142,8 @@ def test_the_packed_plan_gives_each_example_once_ranks_apart_within_the_budget(w
     assert len({len(plan) for plan in plans}) == 1  # every rank takes the same number of micro batches
     seen = [i for plan in plans for packed in plan for row in packed for i in row]
     assert len(seen) == len(set(seen))  # no example twice, on any rank
-    # Packed a round (``rows`` rows for each rank) at a time: every example but those of a last round too small to give
-    # each rank a row.
+    # Packed a round (``rows`` rows for each rank) at a time: every example but those of a last round too small to
+    # give each rank a row.
     rounds = pack_rows(epoch_order(203, 2, 7), lengths, 512, rows * world_size)
     assert sorted(seen) == sorted(i for packed in rounds if len(packed) >= world_size for row in packed for i in row)
     assert all(len(packed) == rows * world_size for packed in rounds[:-1])  # only the last round can be left out
