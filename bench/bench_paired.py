@@ -101,12 +101,14 @@ def paired(shape: str, mode: str, systems: list[str], windows: int, turn_steps: 
                rows={s: dict(tok_s=results[s]["tok_s"], peak_gib=results[s]["peak_gib"], window_tok_s=rate[s])
                      for s in systems})
     if "unsloth" in systems:
-        row["against_unsloth"] = {
-            s: dict(windows_median=round(statistics.median(a / b for a, b in zip(rate[s], rate["unsloth"])), 3),
-                    windows_min=round(min(a / b for a, b in zip(rate[s], rate["unsloth"])), 3),
-                    windows_max=round(max(a / b for a, b in zip(rate[s], rate["unsloth"])), 3),
-                    overall=round(results[s]["tok_s"] / results["unsloth"]["tok_s"], 3))
-            for s in systems if s != "unsloth"}
+        row["against_unsloth"] = {}
+        for s in systems:
+            if s == "unsloth":
+                continue
+            ratios = [a / b for a, b in zip(rate[s], rate["unsloth"])]  # each window against Unsloth's next to it
+            row["against_unsloth"][s] = dict(
+                windows_median=round(statistics.median(ratios), 3), windows_min=round(min(ratios), 3),
+                windows_max=round(max(ratios), 3), overall=round(results[s]["tok_s"] / results["unsloth"]["tok_s"], 3))
     return row
 
 
