@@ -41,9 +41,11 @@ def test_one_gpu_ray_train_run(ray_cluster, tiny_config_file):
     assert facts["eval_loss"] < facts["base_eval_loss"]
     # No train.batch_tokens in the config: the budget is the GPU default, and the line under the table says so.
     assert info["batching"].startswith("packed: ") and "the GPU default" in info["batching"]
-    # The GPU defaults: Liger's fused loss, each block compiled (tests/test_fast.py: neither on CPU)
+    # The GPU defaults: Liger's fused loss, each block compiled, flex attention over packed rows (tests/test_fast.py,
+    # tests/test_packing.py: none of them on CPU)
     assert info["kernels"].endswith("(fused loss only); torch.compile of 2 blocks (their 14 4-bit layers dequantized "
-                                    "by loramill's Triton kernel)"), info["kernels"]
+                                    "by loramill's Triton kernel); attention: flex_attention (one packed row a micro "
+                                    "batch, its block mask keeping examples apart)"), info["kernels"]
     shown = " ".join(result.output.split())  # the caption wraps at the table's width
     assert "legal batching: packed: " in shown and "train.micro_batch_size is not used" in shown
 
