@@ -14,11 +14,13 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Ray Train gives a worker group 60 s to start. A worker imports torch, transformers and bitsandbytes (~10 s
 # alone); on a loaded 2-core machine that took over 60 s and the start was retried again and again.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-# Ray Train's controller polls its workers every 2 s by default, and each change of a run's state (workers up,
-# training done, workers gone) waits for the next poll: a 4-step run on the tiny test model took 20.0 s from fit() to
-# its result, 14.8 s when polled every 0.5 s (tests/test_logs.py's JSON-log run, on 2 cores). It also registers a
-# checkpoint sooner. A local Ray started here passes it on to every worker; ray-cluster.yaml sets it on its nodes.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+TRAIN_POLL_INTERVAL_S = "0.5"
+"""Ray Train's controller polls its workers every 2 s by default, and each change of a run's state (workers up,
+training done, workers gone) waits for the next poll: a 4-step run on the tiny test model took 20.0 s from fit() to
+its result, 14.8 s when polled every 0.5 s (tests/test_logs.py's JSON-log run, on 2 cores). It also registers a
+checkpoint sooner. A local Ray started here passes it on to every worker; the cluster configs the repository ships
+set it on their nodes (tests/test_cluster_configs.py)."""
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
 
 import ray  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402

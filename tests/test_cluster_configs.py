@@ -18,6 +18,7 @@ from croniter import croniter
 
 from lora.config import load_config
 from pipelines.cli import app
+from pipelines.ray_session import TRAIN_POLL_INTERVAL_S
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAMLS = sorted({REPO / "ray-cluster.yaml", *REPO.glob("infra/**/*.yaml"), *REPO.glob("infra/**/*.yml")})
@@ -87,6 +88,8 @@ def test_ray_cluster_launcher_config():
 
     starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
     assert all("--disable-usage-stats" in c for c in starts if "ray start" in c)
+    poll = f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={TRAIN_POLL_INTERVAL_S} ray start"
+    assert all(poll in c for c in starts if "ray start" in c)
     assert "--dashboard-host=127.0.0.1" in " ".join(raw["head_start_ray_commands"])
 
 
@@ -136,6 +139,7 @@ def check_rayjob_spec(spec: dict[str, Any], command: str) -> list[str]:
         names = {e["name"]: e for e in container["env"]}
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert names[name]["valueFrom"]["secretKeyRef"] == {"name": "loramill-s3", "key": name}
+        assert names["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]["value"] == TRAIN_POLL_INTERVAL_S
     assert all("nvidia.com/gpu" not in c["resources"]["limits"] for c in head)
     for group in cluster["workerGroupSpecs"]:
         assert 1 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
