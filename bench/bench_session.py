@@ -487,7 +487,9 @@ def main() -> None:
     parser.add_argument("--tag", default="run")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench/results")
     parser.add_argument("--tokenizer", type=Path, default=Path(".gpu-tokenizer"))
-    parser.add_argument("--long-shapes", nargs="*", default=["llama-1b"])
+    parser.add_argument("--long-shapes", nargs="*", default=["llama-1b"],
+                        help="shapes of the long rows; the flag with none skips them (a real-data-only session: "
+                             "they run first and can spend its --budget)")
     parser.add_argument("--long-modes", nargs="+", default=["qlora", "lora"], choices=["qlora", "lora"])
     parser.add_argument("--long-rounds", type=int, default=1, help="processes per long-row system, taken in turn "
                         "(the plain path once); the table gives the median. At 1B, bound by the host, one process "
@@ -495,7 +497,8 @@ def main() -> None:
     parser.add_argument("--long-turns", action="store_true", help="loramill's long rows and Unsloth's loaded at "
                         "once, timed in turns (bench_paired.py), instead of a process after another: the node's "
                         "drift then falls on all of them alike")
-    parser.add_argument("--realdata-shapes", nargs="*", default=["llama-1b"])
+    parser.add_argument("--realdata-shapes", nargs="*", default=["llama-1b"],
+                        help="shapes of the real-data rows; the flag with none skips them")
     parser.add_argument("--realdata-rows", nargs="+", default=[p[1] for p in REALDATA_PAIRS],
                         choices=[p[1] for p in REALDATA_PAIRS], help="loramill's rows to run, each with its Unsloth "
                         "pair (default: all)")
