@@ -57,6 +57,9 @@ LORAMILL_SYSTEMS = {
     "loramill-bnb-matmul": ("liger-loss", "compile", "bnb-matmul"),
     # the compiled blocks' 4-bit weights dequantized by the torch ops inductor fuses, as before lora/nf4_kernel.py
     "loramill-offload-torch-dequant": ("liger-loss", "compile", "offload", "torch-dequant"),
+    # the compiled blocks' projections each their own matmuls, as before lora/grouped.py (bf16 bases only differ)
+    "loramill-ungrouped": ("liger-loss", "compile", "ungrouped"),
+    "loramill-offload-ungrouped": ("liger-loss", "compile", "offload", "ungrouped"),
 }
 
 
@@ -80,7 +83,8 @@ def loramill_step(path: Path, quant: bool, system: str, batch: int, seq: int, st
         dequantization = ("bitsandbytes" if "bnb-matmul" in routes else
                           "torch" if "torch-dequant" in routes else "triton")
         kernels.append(compile_decoder_layers(model, backend, dequantization,
-                                              lora_scaled_in_rank="peft-scaling" not in routes))
+                                              lora_scaled_in_rank="peft-scaling" not in routes,
+                                              grouped_projections="ungrouped" not in routes))
     if "offload" in routes:
         kernels.append(offload_checkpointed_inputs(model, backend))
     vocab = model.config.vocab_size

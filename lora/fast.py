@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lora.model import Backend
+from lora.grouped import group_shared_input_projections, plain_lora
 from lora.mixin import mix_in
 from lora.nf4 import Dequantization, linear_4bit_as_torch_ops
 
@@ -70,14 +71,15 @@ def fused_loss_in_evaluation(model: nn.Module) -> dict[str, bool]:
 
 def compile_decoder_layers(model: nn.Module, backend: Backend,
                            dequantization: Dequantization | Literal["bitsandbytes"] = "triton",
-                           lora_scaled_in_rank: bool = True) -> str:
+                           lora_scaled_in_rank: bool = True, grouped_projections: bool = True) -> str:
     """torch.compile each transformer block (after LoRA is applied): one graph for all blocks of a shape, so the
     LoRA update's scale-and-add, the residual adds and what Liger leaves unfused become fewer kernels. The blocks'
     gradient checkpointing stays outside the compiled region. The blocks' 4-bit layers dequantize through ops the
     graph launches itself (``lora/nf4.py``: loramill's Triton kernel, or the torch ops it fuses), and their LoRA
-    layers apply the scale on the rank-r side (``scale_lora_in_rank``). The bench's comparison rows set
-    ``dequantization`` to ``torch`` or ``bitsandbytes`` (its own op), or ``lora_scaled_in_rank`` false (peft's own
-    forward).
+    layers apply the scale on the rank-r side (``scale_lora_in_rank``); on a base in full or half precision the
+    projections that read the same input run as one matmul (``lora/grouped.py``). The bench's comparison rows set
+    ``dequantization`` to ``torch`` or ``bitsandbytes`` (its own op), ``lora_scaled_in_rank`` false (peft's own
+    forward) or ``grouped_projections`` false.
 
     Returns what was done, for the run's record, or why nothing was."""
     if backend.device.type != "cuda":
@@ -89,9 +91,11 @@ def compile_decoder_layers(model: nn.Module, backend: Backend,
     routes = {linear_4bit_as_torch_ops(layer, dequantization) for layer in four_bit}
     for layer in _lora_layers(blocks) if lora_scaled_in_rank else []:
         scale_lora_in_rank(layer)
+    groups = group_shared_input_projections(blocks) if grouped_projections else 0
     compile_blocks(blocks)
     return f"torch.compile of {len(blocks)} blocks" + (
-        f" (their {len(four_bit)} 4-bit layers dequantized by {', '.join(sorted(routes))})" if four_bit else "")
+        f" (their {len(four_bit)} 4-bit layers dequantized by {', '.join(sorted(routes))})" if four_bit else "") + (
+        f" ({groups} groups of projections reading one input, one matmul each)" if groups else "")
 
 
 def use_packed_attention(model: nn.Module, choice: str, backend: Backend, packed: bool,
@@ -161,7 +165,7 @@ class LoraScaledInRank(nn.Module):
     peft's own forward."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs or self.disable_adapters or self.merged or self.lora_variant or any(self.lora_bias.values()):
+        if args or kwargs or not plain_lora(self):
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x)
         result_dtype = result.dtype
