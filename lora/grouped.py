@@ -28,10 +28,6 @@ _llama: Any = None
 """transformers' Llama module, imported by ``group_shared_input_projections``: dynamo (torch 2.11) breaks the graph
 at an import of it inside the forward (``transformers.models.llama`` is a lazy module)."""
 
-GROUPS = {"LlamaAttention": ("q_proj", "k_proj", "v_proj"), "LlamaMLP": ("gate_proj", "up_proj")}
-"""The projections of a module class that read the same input, by the transformers class's name."""
-
-
 def plain_lora(layer: nn.Module) -> bool:
     """Whether ``layer`` (a peft LoRA layer) computes only ``base(x) + B(A(x)) * scaling`` now, which the reordered
     and grouped forwards reproduce."""
@@ -39,15 +35,17 @@ def plain_lora(layer: nn.Module) -> bool:
 
 
 def group_shared_input_projections(blocks: list[nn.Module]) -> int:
-    """Group the projections of ``GROUPS`` in ``blocks`` whose layers can be grouped; returns how many groups."""
+    """Group the projections that read one input in ``blocks``' Llama attentions and MLPs, where their layers can be
+    grouped; returns how many groups."""
     global _llama
     from transformers.models.llama import modeling_llama as _llama
 
-    mixins = {_llama.LlamaAttention: GroupedAttention, _llama.LlamaMLP: GroupedMLP}
+    groups = {_llama.LlamaAttention: (GroupedAttention, ("q_proj", "k_proj", "v_proj")),
+              _llama.LlamaMLP: (GroupedMLP, ("gate_proj", "up_proj"))}
     grouped = 0
     for module in (m for block in blocks for m in block.modules()):
-        for cls, mixin in mixins.items():
-            layers = [getattr(module, name) for name in GROUPS[cls.__name__]] if isinstance(module, cls) else []
+        for cls, (mixin, names) in groups.items():
+            layers = [getattr(module, name) for name in names] if isinstance(module, cls) else []
             if not layers or not _groupable(layers):
                 continue
             if not isinstance(module, mixin):  # a borrowed base grouped by a run before has its weights shared
@@ -85,16 +83,19 @@ def grouped_projections(x: torch.Tensor, layers: tuple[nn.Module, ...], weight: 
     if not all([_is_lora(layer) and plain_lora(layer) and layer.active_adapters == first.active_adapters
                 for layer in layers]):  # a borrowed base's next adapter may leave some of them out
         return [layer(x) for layer in layers]
-    adapters = [a for a in first.active_adapters if all([a in layer.lora_A for layer in layers])]
-    if not all([isinstance(layer.lora_dropout[a], nn.Identity) for layer in layers for a in adapters]):
-        return [layer(x) for layer in layers]  # a dropout mask of its own per layer
+    # An active adapter a layer does not have adds nothing to it (peft skips it): grouped only when all have it
+    adapters = [a for a in first.active_adapters if any([a in layer.lora_A for layer in layers])]
+    if not all([a in layer.lora_A and isinstance(layer.lora_dropout[a], nn.Identity)
+                for layer in layers for a in adapters]):  # some of them have it, or a dropout mask of its own
+        return [layer(x) for layer in layers]
     outputs = list(F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1))
+    dtype = outputs[0].dtype
     for adapter in adapters:
         a = torch.cat([layer.lora_A[adapter].weight for layer in layers])
         low_rank = F.linear(first._cast_input_dtype(x, a.dtype), a).split([layer.r[adapter] for layer in layers], -1)
         outputs = [out + layer.lora_B[adapter](low * layer.scaling[adapter])  # scaled in rank: lora/fast.py says why
                    for out, layer, low in zip(outputs, layers, low_rank, strict=True)]
-    return [out.to(weight.dtype) for out in outputs]
+    return [out.to(dtype) for out in outputs]
 
 
 class GroupedMLP(nn.Module):

@@ -125,3 +125,26 @@ def test_a_base_given_back_and_adapted_again_without_some_projections(tiny_model
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_an_active_adapter_on_some_projections_of_a_group_leaves_that_group_to_each_layer(tiny_model_dir):
+    """Two active adapters, the second on the query projections only: each attention runs its layers alone (a group
+    cannot add an adapter to some of its layers), the MLPs, which neither layer of has the second adapter, stay
+    grouped, and the logits are those of the layers alone."""
+    from peft import LoraConfig
+
+    model, _ = _tiny_lora_step(tiny_model_dir, Quantization(mode="none"), LoraSettings(r=4, alpha=8, dropout=0.0))
+    model.add_adapter("queries", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "queries"])
+    for name, weight in model.named_parameters():
+        if "lora_B.queries" in name:
+            torch.nn.init.normal_(weight, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+    model.eval()
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert group_shared_input_projections(transformer_blocks(model)) == 4
+        with _base_layer_calls(model) as calls:
+            logits = model(input_ids=ids).logits
+    assert sorted({name.rsplit(".", 1)[-1] for name in calls}) == ["down_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
+    assert torch.allclose(logits, expected, rtol=1e-5, atol=1e-6)
