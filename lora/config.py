@@ -172,8 +172,9 @@ class Training(Section):
     compile_blocks: bool = True
     """On CUDA, torch.compile each transformer block (Liger then keeps only its fused loss, as torch.compile does
     not trace its other kernels). The first steps pay for compiling (tens of seconds); on an H200, 1.10-1.24x the
-    tokens/s of Liger's kernels alone (bench/SPEED_NOTES.md). Ignored on CPU and for runs of several workers (DDP or
-    FSDP), where it was not measured yet."""
+    tokens/s of Liger's kernels alone (bench/SPEED_NOTES.md). On a bf16 base a Llama block's q/k/v and gate/up
+    projections then run as one matmul each (``lora/grouped.py``: 1.03-1.07x at 1B). Ignored on CPU and for runs of
+    several workers (DDP or FSDP), where it was not measured yet."""
     offload_checkpoints: bool = False
     """On CUDA with gradient checkpointing, keep each block's checkpointed input in pinned host memory until the
     backward pass needs it, copied on a side stream. On an H200 at 8k tokens a step: 8B QLoRA peaks at 7.7 instead
