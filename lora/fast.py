@@ -92,10 +92,6 @@ def compile_decoder_layers(model: nn.Module, backend: Backend,
     for layer in _lora_layers(blocks) if lora_scaled_in_rank else []:
         scale_lora_in_rank(layer)
     groups = group_shared_input_projections(blocks) if grouped_projections else 0
-    if groups:
-        # The weights as loaded, now copied into the groups' tensors, would stay in torch's cache, which the memory
-        # the GPU token budget is chosen from (the driver's free memory) does not count: give them back.
-        torch.cuda.empty_cache()
     compile_blocks(blocks)
     return f"torch.compile of {len(blocks)} blocks" + (
         f" (their {len(four_bit)} 4-bit layers dequantized by {', '.join(sorted(routes))})" if four_bit else "") + (

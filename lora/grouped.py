@@ -42,7 +42,7 @@ def group_shared_input_projections(blocks: list[nn.Module]) -> int:
 
     groups = {_llama.LlamaAttention: (GroupedAttention, ("q_proj", "k_proj", "v_proj")),
               _llama.LlamaMLP: (GroupedMLP, ("gate_proj", "up_proj"))}
-    grouped = 0
+    grouped, copied_on_cuda = 0, False
     for module in (m for block in blocks for m in block.modules()):
         for cls, (mixin, names) in groups.items():
             layers = [getattr(module, name) for name in names] if isinstance(module, cls) else []
@@ -51,7 +51,12 @@ def group_shared_input_projections(blocks: list[nn.Module]) -> int:
             if not isinstance(module, mixin):  # a borrowed base grouped by a run before has its weights shared
                 _share_one_weight(module, layers)
                 mix_in(module, mixin)
+                copied_on_cuda = copied_on_cuda or module.grouped_weight.is_cuda
             grouped += 1
+    if copied_on_cuda:
+        # The weights as loaded, now copied into the groups' tensors, would stay in torch's cache, which the memory
+        # the GPU token budget is chosen from (the driver's free memory) does not count: give them back.
+        torch.cuda.empty_cache()
     return grouped
 
 
