@@ -26,8 +26,10 @@ BACKENDS = {"torch's choice": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn"
 def time_backend(backend: SDPBackend | None, heads: int, kv_heads: int, dim: int, batch: int, seq: int, gqa: bool,
                  steps: int) -> float | str:
     """Milliseconds of one forward + backward, or why the backend refused the inputs."""
-    make = lambda h: torch.randn(batch, h, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
-    q, k, v = make(heads), make(kv_heads), make(kv_heads)
+    def heads_of(count: int) -> torch.Tensor:
+        return torch.randn(batch, count, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    q, k, v = heads_of(heads), heads_of(kv_heads), heads_of(kv_heads)
     grad = torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16)
 
     def step() -> None:
