@@ -33,7 +33,8 @@ def time_backend(backend: SDPBackend | None, heads: int, kv_heads: int, dim: int
     grad = torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16)
 
     def step() -> None:
-        key, value = (k, v) if gqa else (k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1))
+        repeats = heads // kv_heads
+        key, value = (k, v) if gqa else (k.repeat_interleave(repeats, 1), v.repeat_interleave(repeats, 1))
         with sdpa_kernel([backend]) if backend else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q, key, value, is_causal=True, enable_gqa=gqa)
         out.backward(grad)
@@ -58,8 +59,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    lines = [f"# Causal SDPA forward + backward, batch {args.batch} × {args.seq}, bf16, {torch.cuda.get_device_name()}, "
-             f"torch {torch.__version__}", "", f"`python3 bench/attention_backends.py --batch {args.batch} --seq "
+    lines = [f"# Causal SDPA forward + backward, batch {args.batch} × {args.seq}, bf16, "
+             f"{torch.cuda.get_device_name()}, torch {torch.__version__}", "", f"`python3 bench/attention_backends.py --batch {args.batch} --seq "
              f"{args.seq} --steps {args.steps}`; milliseconds a layer, mean of {args.steps} after 3 warm-up", "",
              "| shape | key/value heads | " + " | ".join(BACKENDS) + " |", "|---|---|" + "---|" * len(BACKENDS)]
     for shape, (heads, kv_heads, dim) in SHAPES.items():
