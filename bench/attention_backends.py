@@ -59,9 +59,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    command = f"python3 bench/attention_backends.py --batch {args.batch} --seq {args.seq} --steps {args.steps}"
     lines = [f"# Causal SDPA forward + backward, batch {args.batch} × {args.seq}, bf16, "
-             f"{torch.cuda.get_device_name()}, torch {torch.__version__}", "", f"`python3 bench/attention_backends.py --batch {args.batch} --seq "
-             f"{args.seq} --steps {args.steps}`; milliseconds a layer, mean of {args.steps} after 3 warm-up", "",
+             f"{torch.cuda.get_device_name()}, torch {torch.__version__}", "",
+             f"`{command}`; milliseconds a layer, mean of {args.steps} after 3 warm-up", "",
              "| shape | key/value heads | " + " | ".join(BACKENDS) + " |", "|---|---|" + "---|" * len(BACKENDS)]
     for shape, (heads, kv_heads, dim) in SHAPES.items():
         for gqa in (True, False):
