@@ -40,12 +40,14 @@ def group_shared_input_projections(blocks: list[nn.Module]) -> int:
     global _llama
     from transformers.models.llama import modeling_llama as _llama
 
-    groups = {_llama.LlamaAttention: (GroupedAttention, ("q_proj", "k_proj", "v_proj")),
-              _llama.LlamaMLP: (GroupedMLP, ("gate_proj", "up_proj"))}
+    # By name in transformers' module, not by its attributes: Liger's kernels replace ``LlamaMLP`` there for the
+    # whole process with a class of their own, whose forward is not the one GroupedMLP reproduces
+    groups = {"LlamaAttention": (GroupedAttention, ("q_proj", "k_proj", "v_proj")),
+              "LlamaMLP": (GroupedMLP, ("gate_proj", "up_proj"))}
     grouped, copied_on_cuda = 0, False
     for module in (m for block in blocks for m in block.modules()):
-        for cls, (mixin, names) in groups.items():
-            layers = [getattr(module, name) for name in names] if isinstance(module, cls) else []
+        for name, (mixin, names) in groups.items():
+            layers = [getattr(module, n) for n in names] if _transformers_own(module, name, mixin) else []
             if not layers or not _groupable(layers):
                 continue
             if not isinstance(module, mixin):  # a borrowed base grouped by a run before has its weights shared
@@ -58,6 +60,12 @@ def group_shared_input_projections(blocks: list[nn.Module]) -> int:
         # the GPU token budget is chosen from (the driver's free memory) does not count: give them back.
         torch.cuda.empty_cache()
     return grouped
+
+
+def _transformers_own(module: nn.Module, class_name: str, mixin: type[nn.Module]) -> bool:
+    """Whether ``module`` is an instance of transformers' own Llama class ``class_name`` (or was, before grouping)."""
+    own = type(module).__bases__[-1] if isinstance(module, mixin) else type(module)
+    return own.__module__ == _llama.__name__ and own.__name__ == class_name
 
 
 def _is_lora(layer: nn.Module) -> bool:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from transformers.models.llama import modeling_llama
 
 from lora.config import LoraSettings, ModelSource, Quantization
 from lora.fast import scale_lora_in_rank, transformer_blocks
@@ -90,6 +91,38 @@ def test_grouped_projections_leave_what_they_do_not_group_to_each_layer(tiny_mod
     with _base_layer_calls(model) as calls:
         assert torch.equal(logits(), expected)
     assert len(calls) == 14  # each of the 7 projections of both blocks through its own forward
+
+
+class _MLPOfItsOwn(torch.nn.Module):
+    """As Liger's SwiGLU MLP, which Liger puts in transformers' Llama module for the whole process: the same
+    projections, its own forward, no ``act_fn``."""
+
+    def __init__(self, config, *_args, **_kwargs):
+        super().__init__()
+        self.gate_proj, self.up_proj = [torch.nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+                                        for _ in range(2)]
+        self.down_proj = torch.nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_an_mlp_class_put_in_place_of_llamas_keeps_its_own_forward(tiny_model_dir, monkeypatch):
+    """A model built after another library replaced ``LlamaMLP`` in transformers' module (Liger's fused kernels do, in
+    a process that ran a step with them): its MLPs are left alone, its attentions grouped, and the step gives the
+    loss and gradients of the layers alone (on the GPU, this order of runs failed on ``act_fn``)."""
+    monkeypatch.setattr(modeling_llama, "LlamaMLP", _MLPOfItsOwn)
+    model, loss_and_gradients = _tiny_lora_step(tiny_model_dir, Quantization(mode="none"),
+                                                LoraSettings(r=4, dropout=0.0))
+    blocks = transformer_blocks(model)
+    alone_loss, alone_grads = loss_and_gradients()
+
+    assert group_shared_input_projections(blocks) == 2
+    assert all(type(block.mlp) is _MLPOfItsOwn and isinstance(block.self_attn, GroupedAttention) for block in blocks)
+    loss, grads = loss_and_gradients()
+    assert torch.allclose(loss, alone_loss, rtol=1e-6)
+    for grad, alone_grad in zip(grads, alone_grads, strict=True):
+        assert torch.allclose(grad, alone_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_a_4bit_base_keeps_its_projections_apart(tiny_model_dir):
