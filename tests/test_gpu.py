@@ -15,6 +15,18 @@ from tests.conftest import read_json
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def transformers_llama_module_restored():
+    """Liger's kernels replace classes and functions in transformers' Llama module for the whole process (its MLP,
+    RMSNorm and RoPE, for models built later): put them back after each test, so that a test's models are
+    transformers' own whatever ran before it in this process."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    yield
+    vars(modeling_llama).update(saved)
+
+
 def test_nf4_on_cuda_trains_in_bf16(tiny_model_dir):
     import bitsandbytes as bnb
 
